@@ -1,0 +1,1 @@
+"""The ppft command-line interface (Typer)."""

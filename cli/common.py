@@ -1,0 +1,53 @@
+"""What every subcommand shares: consoles, common options, and error handling with exit codes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Callable
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+SetOpt = Annotated[
+    list[str],
+    typer.Option("--set", help="Override a recipe value: key.path=value (YAML value). Repeatable.", show_default=False),
+]
+OutputDirOpt = Annotated[Path | None, typer.Option("--output-dir", help="Run directory (overrides output.dir).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+
+
+def guarded(fn: Callable[[], object], debug: bool) -> object:
+    """Run ``fn``; turn ppft errors into one clear paragraph and the right exit code (no traceback unless --debug)."""
+    from preserve_core.errors import PPFTError
+
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except PPFTError as e:
+        if debug:
+            raise
+        kind = "invalid input" if e.exit_code == 2 else "error"
+        err_console.print(f"[bold red]{kind}:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+    except Exception as e:  # anything else is a bug or an environment problem: say so plainly
+        if debug:
+            raise
+        err_console.print(
+            f"[bold red]error:[/] {type(e).__name__}: {e}\n(rerun with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()

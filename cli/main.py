@@ -1,0 +1,75 @@
+"""The ``ppft`` command line. Thin: parse, load the recipe, call ``preserve_core``, print.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad input (recipe, data, paths, overrides),
+3 the retention gate failed (``ppft eval --fail-on-regression``).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from cli.common import DebugOpt, OutputDirOpt, RecipeArg, SetOpt, console, guarded
+
+app = typer.Typer(
+    name="ppft",
+    help="Capability-preserving fine-tuning: calibrate, train with a protection method, evaluate retention.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.command()
+def validate(recipe: RecipeArg, set_: SetOpt = [], output_dir: OutputDirOpt = None, debug: DebugOpt = False) -> None:  # noqa: B006
+    """Resolve a recipe (defaults filled in, paths absolute), check referenced files, print it. Loads no weights."""
+
+    def run():
+        import yaml
+        from rich.syntax import Syntax
+
+        from preserve_core.recipe import load_recipe
+
+        resolved = load_recipe(recipe, set_, output_dir)
+        console.print(Syntax(yaml.safe_dump(resolved.resolved(), sort_keys=False), "yaml"))
+        console.print(f"[green]ok[/]: {recipe} is valid")
+
+    guarded(run, debug)
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    set_: SetOpt = [],  # noqa: B006
+    output_dir: OutputDirOpt = None,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the run directory."),
+    merge: bool = typer.Option(False, "--merge", help="Adapter methods: also save merged full weights (final/merged)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    debug: DebugOpt = False,
+) -> None:
+    """Fine-tune with the recipe's method. Writes <run>/final, checkpoints, metrics.jsonl and manifest.json."""
+
+    def run():
+        from preserve_core.recipe import load_recipe
+        from preserve_core.training import check_runtime
+        from preserve_core.training import train as train_run
+
+        resolved = load_recipe(recipe, set_, output_dir)
+        if merge:
+            resolved.output.merge = True
+        check_runtime(resolved)
+        result = train_run(resolved, resume=resume, show_progress=progress)
+        if result.interrupted:
+            raise typer.Exit(130)
+        console.print(f"[green]done[/]: {result.steps} steps, final loss {result.final_loss:.4f}; model in {result.final_dir}")
+
+    guarded(run, debug)
+
+
+# Subcommands that live in their own modules (one per concern).
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
+

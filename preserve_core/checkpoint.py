@@ -1,0 +1,91 @@
+"""Atomic, resumable checkpoints.
+
+A checkpoint folder ``checkpoint-<step>`` holds:
+- ``trainable.safetensors``: the tensors training changes (``method.trainable_state``),
+- ``method.safetensors``: method-owned tensors (``method.state_dict()``), if any,
+- ``state.pt``: optimizer, scheduler, RNG states and the data position (loaded with ``weights_only=True``),
+- ``trainer_state.json``: a human-readable summary.
+
+It is written to ``.tmp-checkpoint-<step>`` and renamed into place, so a crash never leaves a
+half-written checkpoint where ``--resume`` would find it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class TrainState:
+    """Where training stands after ``step`` optimizer updates. ``position`` counts batches into ``epoch``."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    tokens: int = 0
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, method, model, optimizer, scheduler, keep_last: int) -> Path:
+    final = run_dir / f"checkpoint-{state.step:06d}"
+    tmp = run_dir / f".tmp-checkpoint-{state.step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_contiguous(method.trainable_state(model)), tmp / "trainable.safetensors")
+    method_state = method.state_dict()
+    if method_state:
+        save_file(_contiguous(method_state), tmp / "method.safetensors")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), "train": asdict(state)},
+        tmp / "state.pt",
+    )
+    (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    _rotate(run_dir, keep_last)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("checkpoint-*") if (p / "state.pt").exists())
+
+
+def _rotate(run_dir: Path, keep_last: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, method, model, optimizer, scheduler) -> TrainState:
+    """Restore everything ``save_checkpoint`` wrote; returns the saved :class:`TrainState`."""
+    method.load_trainable_state(model, load_file(path / "trainable.safetensors"))
+    if (path / "method.safetensors").exists():
+        method.load_state_dict(load_file(path / "method.safetensors"))
+    blob = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return TrainState(**blob["train"])

@@ -1,0 +1,185 @@
+"""Training data: loading through ``datasets``, tokenizing three formats, batching.
+
+Formats
+- ``prompt_completion``: ``[bos] + prompt + completion + [eos]``; loss on completion and eos only.
+- ``text``: ``[bos] + text + [eos]``; loss on every token.
+- ``messages``: the tokenizer's chat template; loss on assistant turns only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import RecipeError
+from .recipe_schema import DataConfig
+
+IGNORE = -100
+LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def load_rows(source: str, split: str = "train"):
+    """A ``datasets.Dataset`` from a local file, ``lab:<skill>[@eval]`` or a hub data set name."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if source.startswith("lab:"):
+        from .lab import resolve_data_ref
+
+        ref, _, lab_split = source.partition("@")
+        source = resolve_data_ref(ref, lab_split or "train")
+    path = Path(source)
+    try:
+        if path.suffix in LOADERS:
+            if not path.exists():
+                raise RecipeError(f"data file not found: {path}")
+            return datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train")
+        if path.is_dir():
+            return datasets.load_from_disk(str(path))
+        return datasets.load_dataset(source, split=split)
+    except RecipeError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable input
+        raise RecipeError(f"cannot read data {source!r}: {type(e).__name__}: {e}") from None
+
+
+def detect_format(columns: list[str], cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        needed = {
+            "prompt_completion": [cfg.prompt_column, cfg.completion_column],
+            "text": [cfg.text_column],
+            "messages": [cfg.messages_column],
+        }[cfg.format]
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise RecipeError(f"data: format {cfg.format} needs column(s) {missing}; the data has {columns}")
+        return cfg.format
+    if cfg.prompt_column in columns and cfg.completion_column in columns:
+        return "prompt_completion"
+    if cfg.messages_column in columns:
+        return "messages"
+    if cfg.text_column in columns:
+        return "text"
+    raise RecipeError(
+        f"data: cannot tell the format from columns {columns}: expected prompt/completion, messages or text "
+        "(rename with data.prompt_column / completion_column / text_column / messages_column)"
+    )
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt_completion(tokenizer, prompt: str, completion: str, append_eos: bool = True) -> tuple[list, list]:
+    """``(input_ids, labels)`` with loss on the completion (and eos) only."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
+    head = bos + _ids(tokenizer, prompt)
+    tail = _ids(tokenizer, completion) + eos
+    return head + tail, [IGNORE] * len(head) + tail
+
+
+def encode_text(tokenizer, text: str, append_eos: bool = True) -> tuple[list, list]:
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
+    ids = bos + _ids(tokenizer, text) + eos
+    return ids, list(ids)
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> tuple[list, list]:
+    """Chat template; loss on the tokens each assistant turn adds to the rendered conversation."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise RecipeError("data: messages format needs a tokenizer with a chat template")
+    ids: list[int] = []
+    labels: list[int] = []
+    for i in range(len(messages)):
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=False)
+        full = list(full["input_ids"] if isinstance(full, dict) else full)
+        added = full[len(ids) :]
+        ids = full
+        labels += added if messages[i]["role"] == "assistant" else [IGNORE] * len(added)
+    return ids, labels
+
+
+@dataclass
+class TruncationReport:
+    total: int = 0
+    truncated: int = 0
+    longest: int = 0
+
+
+def truncate(ids: list, labels: list, cfg: DataConfig, index: int, report: TruncationReport) -> tuple[list, list]:
+    report.total += 1
+    report.longest = max(report.longest, len(ids))
+    if len(ids) <= cfg.max_length:
+        return ids, labels
+    if cfg.truncation == "error":
+        raise RecipeError(
+            f"data: example {index} has {len(ids)} tokens, over data.max_length={cfg.max_length}. "
+            "Raise data.max_length or set data.truncation: right (or left) to cut long examples."
+        )
+    report.truncated += 1
+    keep = slice(-cfg.max_length, None) if cfg.truncation == "left" else slice(0, cfg.max_length)
+    return ids[keep], labels[keep]
+
+
+def tokenize_rows(rows, tokenizer, cfg: DataConfig):
+    """Tokenize a ``datasets.Dataset`` into ``input_ids``/``labels`` columns; returns (dataset, report)."""
+    import datasets
+
+    if len(rows) == 0:
+        raise RecipeError(f"data: {cfg.train} has no examples")
+    if cfg.max_examples:
+        rows = rows.select(range(min(cfg.max_examples, len(rows))))
+    fmt = detect_format(rows.column_names, cfg)
+    report = TruncationReport()
+    out = {"input_ids": [], "labels": []}
+    for i, row in enumerate(rows):
+        if fmt == "prompt_completion":
+            ids, labels = encode_prompt_completion(tokenizer, row[cfg.prompt_column], row[cfg.completion_column], cfg.append_eos)
+        elif fmt == "text":
+            ids, labels = encode_text(tokenizer, row[cfg.text_column], cfg.append_eos)
+        else:
+            ids, labels = encode_messages(tokenizer, row[cfg.messages_column])
+        ids, labels = truncate(ids, labels, cfg, i, report)
+        if all(label == IGNORE for label in labels):
+            raise RecipeError(f"data: example {i} has no tokens to learn from (empty completion or fully truncated)")
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+    return datasets.Dataset.from_dict(out), report
+
+
+def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row: ``input_ids``, ``attention_mask``, ``labels`` of shape [B, T]."""
+    width = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def build_train_dataset(recipe, tokenizer):
+    rows = load_rows(recipe.data.train, recipe.data.split)
+    return tokenize_rows(rows, tokenizer, recipe.data)
+
+
+def build_eval_dataset(recipe, tokenizer):
+    if not recipe.data.eval:
+        return None, None
+    rows = load_rows(recipe.data.eval, "validation")
+    return tokenize_rows(rows, tokenizer, recipe.data)
+
+
+def data_fingerprint(source: str) -> str:
+    """sha256 of a local data file; the name itself for hub data sets and lab refs."""
+    from .models import file_sha256
+
+    path = Path(source)
+    return file_sha256(path) if path.is_file() else f"ref:{source}"

@@ -1,0 +1,137 @@
+"""The one small interface every protection method implements.
+
+The training engine calls, in order::
+
+    method = MethodClass(options, ctx)
+    model = method.prepare_model(model)              # freeze / wrap / re-initialise
+    dataset = method.training_data(dataset)          # e.g. replay mixes preserve samples in
+    optimizer = method.build_optimizer(model, training_cfg)
+    for each micro-batch:
+        loss = model(**batch).loss + method.extra_loss(model, batch, outputs)  (if not None)
+        ... backward, clip, optimizer.step() ...
+        method.after_step(model, optimizer, step)    # once per optimizer update
+    method.export(model, out_dir, tokenizer, merge)
+
+Checkpoints store ``method.trainable_state(model)`` (the tensors that change), the optimizer state
+and ``method.state_dict()`` (method-owned tensors such as a spectral basis), so resume is exact.
+
+``needs`` declares which calibration artifacts the method reads; ``ppft train`` runs or reuses
+``ppft calibrate`` when it is non-empty. ``calibrate_extra`` lets a method add its own cached
+statistics (EWC's Fisher, KL's base log-probs) to the calibration output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..recipe_schema import StrictModel
+
+if TYPE_CHECKING:
+    from ..calibration import Calibration
+    from ..recipe import Recipe
+
+# Calibration artifacts a method may ask for.
+PRESERVE_STATS = "preserve_stats"  # C_p per target layer input
+TASK_STATS = "task_stats"  # C_t per target layer input
+PRESERVE_DATA = "preserve_data"  # the preserve texts themselves (replay, kl, ewc)
+
+
+class MethodOptions(StrictModel):
+    """Base of every method's options. Subclasses set ``name: Literal["<method>"] = "<method>"``."""
+
+    name: str
+
+
+@dataclass
+class MethodContext:
+    """What a method may read while it sets itself up.
+
+    target_modules: full dotted names of the linear layers to adapt (resolved from the recipe).
+    calibration: loaded calibration output, or None when the method needs none.
+    """
+
+    recipe: Recipe
+    tokenizer: Any
+    target_modules: list[str]
+    device: torch.device
+    calibration: Calibration | None = None
+    is_main_process: bool = True
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Default behaviour: train every parameter that requires grad with AdamW, export with save_pretrained."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]]
+    needs: ClassVar[frozenset[str]] = frozenset()
+    is_adapter: ClassVar[bool] = False  # True: export is a PEFT adapter, --merge gives full weights
+
+    def __init__(self, options: MethodOptions, ctx: MethodContext):
+        self.options = options
+        self.ctx = ctx
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def training_data(self, dataset):
+        """The data set the engine batches from (a ``datasets.Dataset`` of tokenized rows)."""
+        return dataset
+
+    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": weight_decay}]
+
+    def build_optimizer(self, model: nn.Module, training) -> torch.optim.Optimizer:
+        groups = self.parameter_groups(model, training.weight_decay)
+        return torch.optim.AdamW(groups, lr=training.lr, betas=training.adam_betas, eps=training.adam_eps)
+
+    # -- per step -------------------------------------------------------------------------------
+    def extra_loss(self, model: nn.Module, batch: dict, outputs) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        return None
+
+    # -- calibration ----------------------------------------------------------------------------
+    @classmethod
+    def calibrate_extra(cls, model: nn.Module, tokenizer, preserve_texts: list[str], recipe: Recipe) -> dict[str, torch.Tensor]:
+        """Extra tensors to cache with the calibration output (default: none)."""
+        return {}
+
+    # -- state ----------------------------------------------------------------------------------
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        missing = [n for n in state if n not in params]
+        if missing:
+            raise KeyError(f"checkpoint has parameters the model lacks: {missing[:5]}")
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        return None
+
+    # -- output ---------------------------------------------------------------------------------
+    def export(self, model: nn.Module, out_dir: Path, tokenizer, merge: bool) -> None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel (or similar) wrapper; the model itself otherwise."""
+    while hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model

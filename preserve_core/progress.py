@@ -1,0 +1,32 @@
+"""Rich progress bars that stay silent when not on a terminal's rank 0."""
+
+from __future__ import annotations
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class TrainingProgress:
+    """A step bar with loss, learning rate and tokens per second."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            disable=not enabled,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"), lr=0.0, tps=0.0)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        self.progress.update(self.task, completed=step, loss=loss, lr=lr, tps=tokens_per_s)

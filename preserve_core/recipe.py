@@ -1,0 +1,285 @@
+"""Loading recipes: YAML with ``extends:``, ``--set`` overrides, strict validation, errors with lines.
+
+A recipe is validated as a whole by :class:`Recipe`. Every error names the YAML key path and the
+file and line it came from (or the ``--set`` that introduced it), and unknown keys get a
+did-you-mean suggestion. Relative paths resolve against the file that set them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from .errors import RecipeError
+from .methods import METHODS
+from .recipe_schema import (
+    CalibrationConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    OutputConfig,
+    StrictModel,
+    TrainingConfig,
+)
+
+MethodConfig = Annotated[Union[tuple(m.Options for m in METHODS.values())], Field(discriminator="name")]  # noqa: UP007
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+Location = tuple[str, int]  # (file or "--set ...", line)
+
+
+class Recipe(StrictModel):
+    """A whole recipe. ``name`` defaults to the recipe file's stem."""
+
+    name: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    method: MethodConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def run_dir(self) -> Path:
+        return Path(self.output.dir)
+
+    def calibration_dir(self) -> Path:
+        return Path(self.calibration.dir) if self.calibration.dir else self.run_dir() / "calibration"
+
+    def resolved(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML with locations
+# ---------------------------------------------------------------------------------------------
+def _read_yaml(path: Path) -> tuple[dict, dict[tuple, Location]]:
+    """Parse ``path``; return the data and a map from key path (tuple) to (file, line)."""
+    try:
+        text = path.read_text()
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping of sections (model:, data:, method: ...)")
+    lines: dict[tuple, Location] = {}
+    _walk_nodes(node, (), str(path), lines)
+    return data, lines
+
+
+def _walk_nodes(node, prefix: tuple, file: str, lines: dict) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = (*prefix, key.value)
+            lines[path] = (file, key.start_mark.line + 1)
+            _walk_nodes(value, path, file, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[(*prefix, i)] = (file, item.start_mark.line + 1)
+            _walk_nodes(item, (*prefix, i), file, lines)
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _resolve_paths_in_place(data: dict, base_dir: Path) -> None:
+    """Make the relative local paths this file sets absolute, against the file's folder."""
+
+    def fix(section: dict | None, key: str, always_local: bool = False) -> None:
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            value = section[key]
+            section[key] = str((base_dir / value).expanduser().resolve()) if always_local else resolve_local_path(value, base_dir)
+
+    fix(data.get("model"), "name_or_path")
+    fix(data.get("data"), "train")
+    fix(data.get("data"), "eval")
+    fix(data.get("calibration"), "preserve_data")
+    fix(data.get("calibration"), "dir", always_local=True)
+    fix(data.get("output"), "dir", always_local=True)
+    for suite in ("target", "preserve"):
+        for task in (data.get("eval") or {}).get(suite) or []:
+            fix(task, "data")
+            fix(task, "lm_eval_include_path")
+
+
+def resolve_local_path(value: str, base_dir: Path) -> str:
+    """``lab:`` refs and hub names stay; local-looking or existing relative paths become absolute."""
+    if value.startswith("lab:") or Path(value).is_absolute():
+        return value
+    candidate = (base_dir / value).resolve()
+    looks_local = value.startswith((".", "~")) or value.endswith(DATA_SUFFIXES) or candidate.exists()
+    if value.startswith("~"):
+        return str(Path(value).expanduser())
+    return str(candidate) if looks_local else value
+
+
+def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict]:
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"{path}: 'extends' forms a cycle: {' -> '.join(map(str, (*seen, path)))}")
+    data, lines = _read_yaml(path)
+    _resolve_paths_in_place(data, path.parent)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data, lines
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}:{lines[('extends',)][1]}: extends: must be a path to another recipe")
+    parent_data, parent_lines = _load_with_extends((path.parent / parent), (*seen, path))
+    return _deep_merge(parent_data, data), {**parent_lines, **lines}
+
+
+# ---------------------------------------------------------------------------------------------
+# --set overrides
+# ---------------------------------------------------------------------------------------------
+def apply_override(data: dict, lines: dict, override: str) -> None:
+    """Apply ``key.path=value`` (value parsed as YAML) to ``data``; list items by index."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {override!r}: expected key.path=value, for example --set training.lr=3e-4")
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {override!r}: the value is not valid YAML: {e}") from None
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise RecipeError(f"--set {override!r}: {'.'.join(map(str, parts[: i + 1]))} is not an item of the list")
+            node = node[part]
+            continue
+        if not isinstance(node.get(part), (dict, list)):
+            node[part] = {}
+        node = node[part]
+    if isinstance(node, list):
+        if not isinstance(parts[-1], int) or parts[-1] >= len(node):
+            raise RecipeError(f"--set {override!r}: no list item {parts[-1]}")
+    node[parts[-1]] = value
+    lines[tuple(parts)] = (f"--set {override}", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation errors
+# ---------------------------------------------------------------------------------------------
+def _model_class_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that holds the key at ``loc`` (for did-you-mean suggestions)."""
+    cls: Any = Recipe
+    parents = loc[:-1]
+    if len(parents) >= 2 and parents[0] == "method" and parents[1] in METHODS:
+        cls, parents = METHODS[parents[1]].Options, parents[2:]
+    for part in parents:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return None
+        cls = _unwrap(field.annotation)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (list, Union, typing.Union) or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if len(models) == 1 else (args[0] if len(args) == 1 else None)
+    return annotation
+
+
+def _display_loc(loc: tuple) -> tuple:
+    """Drop the discriminator tag pydantic inserts (method.lora.r -> method.r)."""
+    if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHODS:
+        return (loc[0], *loc[2:])
+    return loc
+
+
+def _where(loc: tuple, lines: dict) -> str:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            file, line = lines[loc[:n]]
+            return file if line == 0 else f"{file}:{line}"
+    return "recipe"
+
+
+def _describe_error(err: dict, lines: dict) -> str:
+    loc = _display_loc(tuple(err["loc"]))
+    dotted = ".".join(map(str, loc)) or "(top level)"
+    where = _where(loc, lines)
+    if err["type"] == "extra_forbidden":
+        cls = _model_class_at(tuple(err["loc"]))
+        known = list(cls.model_fields) if cls else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return f"{where}: {dotted}: unknown key.{hint} Valid keys here: {', '.join(known)}."
+    if err["type"] == "union_tag_invalid":
+        name = str(err.get("input", {}).get("name", "")) if isinstance(err.get("input"), dict) else ""
+        close = difflib.get_close_matches(name, list(METHODS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        where = _where(("method", "name"), lines)
+        return f"{where}: method.name: unknown method '{name}'.{hint} Available: {', '.join(METHODS)}."
+    if err["type"] == "missing":
+        return f"{where}: {dotted}: required key is missing."
+    return f"{where}: {dotted}: {err['msg']} (got {err.get('input')!r})."
+
+
+def validate_recipe(data: dict, lines: dict) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        problems = [_describe_error(err, lines) for err in e.errors()]
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(problems)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None) -> Recipe:
+    """Load, merge, override, validate and fill in a recipe; returns a fully resolved :class:`Recipe`."""
+    path = Path(path)
+    data, lines = _load_with_extends(path)
+    for override in overrides or []:
+        apply_override(data, lines, override)
+        _resolve_paths_in_place(data, Path.cwd())
+    if output_dir is not None:
+        data.setdefault("output", {})["dir"] = str(Path(output_dir).resolve())
+    data.setdefault("name", path.stem)
+    recipe = validate_recipe(data, lines)
+    if recipe.output.dir is None:
+        recipe.output.dir = str((Path.cwd() / "runs" / recipe.name).resolve())
+    check_paths_exist(recipe, lines)
+    return recipe
+
+
+def check_paths_exist(recipe: Recipe, lines: dict) -> None:
+    """Every referenced local file must exist (hub names and lab: refs are checked when loaded)."""
+    refs: list[tuple[tuple, str | None]] = [
+        (("data", "train"), recipe.data.train),
+        (("data", "eval"), recipe.data.eval),
+        (("calibration", "preserve_data"), recipe.calibration.preserve_data),
+    ]
+    for suite in ("target", "preserve"):
+        for i, task in enumerate(getattr(recipe.eval, suite)):
+            refs.append((("eval", suite, i, "data"), task.data))
+    refs.append((("model", "name_or_path"), recipe.model.name_or_path))
+    for loc, value in refs:
+        if value and Path(value).is_absolute() and not Path(value).exists():
+            raise RecipeError(
+                f"{_where(loc, lines)}: {'.'.join(map(str, loc))}: file not found: {value}. "
+                "Relative paths resolve against the recipe file's folder."
+            )

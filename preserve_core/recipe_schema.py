@@ -1,0 +1,145 @@
+"""The recipe schema: one strict pydantic model per YAML section.
+
+Every model forbids unknown keys, so a typo is an error, never a silently ignored setting.
+Method options live with their method (``preserve_core/methods/<name>.py``); the ``method``
+section is the union of those, discriminated by ``method.name``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(StrictModel):
+    """Which causal LM to fine-tune and how to load it."""
+
+    name_or_path: str = Field("lab:tiny", description="Hub name, local directory, or lab:tiny / lab:small / lab:micro.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="Weight dtype at load time.")
+    attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2 ... (None: transformers' default).")
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you turn it on.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module-name patterns to adapt: a plain name matches a suffix (q_proj), 're:<regex>' a full name. "
+        "None: attention and MLP linears of the architecture.",
+    )
+    train_embeddings: bool = Field(False, description="Also train the token embeddings and LM head (full method only).")
+
+
+class DataConfig(StrictModel):
+    """The new task's training data."""
+
+    train: str = Field(..., description="JSONL/JSON/CSV/Parquet path, a hub data set name, or lab:<skill>.")
+    eval: str | None = Field(None, description="Held-out data for the periodic eval loss (same formats).")
+    split: str = Field("train", description="Split to read from a hub data set.")
+    format: Literal["auto", "prompt_completion", "text", "messages"] = Field(
+        "auto", description="auto: prompt/completion, else messages, else text columns."
+    )
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    text_column: str = "text"
+    messages_column: str = "messages"
+    max_length: int = Field(512, gt=0, description="Tokens per example, special tokens included.")
+    truncation: Literal["error", "left", "right"] = Field(
+        "error", description="What to do with longer examples: error, or cut (left keeps the end). Always reported."
+    )
+    max_examples: int | None = Field(None, gt=0, description="Use only the first N examples.")
+    append_eos: bool = Field(True, description="Append the EOS token so the model learns to stop.")
+
+
+class TrainingConfig(StrictModel):
+    """Optimisation. Steps count optimizer updates (after gradient accumulation)."""
+
+    lr: float = Field(1e-4, gt=0)
+    max_steps: int = Field(100, gt=0)
+    batch_size: int = Field(8, gt=0, description="Examples per device per micro-batch.")
+    grad_accum: int = Field(1, gt=0)
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm (None: no clipping).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast on GPU.")
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0, description="Eval loss on data.eval every N steps (0: off).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_last: int = Field(2, gt=0, description="Checkpoints to keep.")
+    tensorboard: bool = False
+
+
+class CalibrationConfig(StrictModel):
+    """Pretraining-proxy data and activation statistics (``ppft calibrate``)."""
+
+    preserve_source: Literal["sample", "dataset"] = Field(
+        "sample", description="sample: draw from the pretrained model; dataset: label-free text in preserve_data."
+    )
+    preserve_data: str | None = Field(None, description="Text data (column 'text') when preserve_source is dataset.")
+    num_samples: int = Field(256, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    start: Literal["bos", "prompts", "uniform"] = Field("bos", description="How a sample starts.")
+    seed_prompts: list[str] = Field(default_factory=list, description="Start texts when start is prompts.")
+    seed: int = 0
+    min_new_tokens: int = Field(4, ge=0, description="Drop samples shorter than this (degenerate filter).")
+    max_repeat_fraction: float = Field(
+        0.5, gt=0, le=1, description="Drop samples whose most frequent token exceeds this fraction (degenerate filter)."
+    )
+    task_positions: Literal["loss", "all"] = Field("loss", description="Task statistics over loss-masked tokens or all.")
+    max_task_examples: int | None = Field(512, gt=0)
+    stats_batch_size: int = Field(16, gt=0)
+    fisher_samples: int = Field(256, gt=0, description="Preserve sequences for the EWC Fisher.")
+    kl_topk: int = Field(32, gt=0, description="Top-k base log-probs cached for the kl method.")
+    dir: str | None = Field(None, description="Where calibration output lives (default <output.dir>/calibration).")
+
+    @model_validator(mode="after")
+    def _source_needs_data(self) -> CalibrationConfig:
+        if self.preserve_source == "dataset" and not self.preserve_data:
+            raise ValueError("preserve_source is 'dataset' but preserve_data is not set: give a text file")
+        if self.start == "prompts" and not self.seed_prompts:
+            raise ValueError("start is 'prompts' but seed_prompts is empty: list some start texts")
+        return self
+
+
+class EvalTask(StrictModel):
+    """One evaluation task."""
+
+    name: str
+    kind: Literal["exact_match", "multiple_choice", "perplexity", "kl_to_base", "lm_eval"]
+    data: str | None = Field(None, description="Path or lab:<skill> (its eval split). Not used by lm_eval.")
+    limit: int | None = Field(None, gt=0, description="Evaluate the first N examples.")
+    max_new_tokens: int = Field(32, gt=0, description="exact_match: generation budget.")
+    stop: list[str] = Field(default_factory=lambda: ["\n"], description="exact_match: cut the generation at these.")
+    normalize: list[Literal["strip", "lower", "collapse_whitespace", "strip_punctuation"]] = Field(
+        default_factory=lambda: ["strip"]
+    )
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm_eval: task names.")
+    lm_eval_include_path: str | None = Field(None, description="lm_eval: folder of local task YAMLs.")
+
+
+class EvalConfig(StrictModel):
+    """Target and preserve suites for ``ppft eval``."""
+
+    target: list[EvalTask] = Field(default_factory=list)
+    preserve: list[EvalTask] = Field(default_factory=list)
+    batch_size: int = Field(64, gt=0)
+    every_n_steps: int = Field(0, ge=0, description="Run the preserve suite during training every N steps.")
+    fail_on_regression: float | None = Field(
+        None, ge=0, description="Fail (exit 3) if a preserved task drops by more than this many points."
+    )
+
+
+class OutputConfig(StrictModel):
+    dir: str | None = Field(None, description="Run directory (default ./runs/<recipe name>).")
+    merge: bool = Field(False, description="Also save merged full weights for adapter methods.")
+    overwrite: bool = Field(False, description="Allow writing into a run directory that holds a finished run.")

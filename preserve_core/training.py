@@ -1,0 +1,307 @@
+"""The training engine: one loop for every method, on Accelerate.
+
+Steps count optimizer updates. Data order is a function of (seed, epoch) alone and each rank takes
+every ``world``-th example of the epoch's permutation, so ``--resume`` replays exactly the batches
+an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from .data import build_eval_dataset, build_train_dataset, collate, data_fingerprint
+from .errors import PPFTError, RecipeError, TrainingDiverged
+from .methods import METHODS, MethodContext
+from .methods.base import unwrap_model
+from .models import load_model, load_tokenizer, model_fingerprint, resolve_target_modules
+from .progress import TrainingProgress
+from .runs import MetricsLog, prepare_run_dir, write_manifest
+
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path | None
+    steps: int
+    final_loss: float
+    interrupted: bool = False
+    metrics: list[dict] = field(default_factory=list)
+
+
+def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's batches of example indices for ``epoch`` (a seeded permutation, sharded by rank)."""
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    mine = order[rank::world]
+    usable = len(mine) - len(mine) % batch_size if len(mine) >= batch_size else len(mine)
+    return [mine[i : i + batch_size] for i in range(0, usable, batch_size)]
+
+
+class BatchStream:
+    """An endless stream of collated batches that knows its (epoch, position) for checkpoints."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, pad_id: int, rank: int, world: int, state: TrainState):
+        self.dataset, self.batch_size, self.seed, self.pad_id = dataset, batch_size, seed, pad_id
+        self.rank, self.world = rank, world
+        self.epoch, self.position = state.epoch, state.position
+        self._batches = self._epoch(self.epoch)
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        batches = epoch_batches(len(self.dataset), self.batch_size, self.seed, epoch, self.rank, self.world)
+        if not batches:
+            raise RecipeError("data: fewer training examples than processes; add data or use fewer processes")
+        return batches
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.position >= len(self._batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._batches = self._epoch(self.epoch)
+        indices = self._batches[self.position]
+        self.position += 1
+        return collate([self.dataset[i] for i in indices], self.pad_id)
+
+
+def build_scheduler(optimizer, training):
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        SCHEDULES[training.schedule], optimizer, num_warmup_steps=training.warmup_steps, num_training_steps=training.max_steps
+    )
+
+
+def make_accelerator(recipe) -> Accelerator:
+    precision = recipe.training.mixed_precision
+    if precision != "no" and not torch.cuda.is_available():
+        precision = "no"
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=recipe.training.grad_accum)
+
+
+def setup_method(recipe, model, tokenizer, accelerator):
+    """Instantiate the recipe's method (running or reusing calibration when it needs one) and prepare the model."""
+    method_cls = METHODS[recipe.method.name]
+    targets = resolve_target_modules(model, recipe.model.target_modules)
+    calibration = None
+    if method_cls.needs:
+        from .calibration import ensure_calibration
+
+        calibration = ensure_calibration(recipe, model, tokenizer, method_cls, accelerator)
+    ctx = MethodContext(
+        recipe=recipe,
+        tokenizer=tokenizer,
+        target_modules=targets,
+        device=accelerator.device,
+        calibration=calibration,
+        is_main_process=accelerator.is_main_process,
+    )
+    method = method_cls(recipe.method, ctx)
+    model = method.prepare_model(model)
+    return method, model
+
+
+def train(recipe, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    """Fine-tune per ``recipe``; writes checkpoints, metrics, manifest and ``<run_dir>/final``."""
+    accelerator = make_accelerator(recipe)
+    run_dir = recipe.run_dir()
+    if accelerator.is_main_process:
+        prepare_run_dir(run_dir, resume, recipe.output.overwrite)
+    accelerator.wait_for_everyone()
+    set_seed(recipe.training.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_model(recipe.model, accelerator.device)
+    fingerprint = model_fingerprint(model)
+    method, model = setup_method(recipe, model, tokenizer, accelerator)
+    dataset, truncation = build_train_dataset(recipe, tokenizer)
+    dataset = method.training_data(dataset)
+    eval_set, _ = build_eval_dataset(recipe, tokenizer)
+    optimizer = method.build_optimizer(model, recipe.training)
+    scheduler = build_scheduler(optimizer, recipe.training)
+    state = TrainState()
+    if resume:
+        state = load_checkpoint(list_checkpoints(run_dir)[-1], method, model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    log = MetricsLog(run_dir, accelerator.is_main_process, recipe.training.tensorboard)
+    if resume:
+        log.truncate_after(state.step)
+    if accelerator.is_main_process:
+        write_manifest(run_dir, recipe, _manifest_extra(recipe, fingerprint, model, method, truncation, len(dataset), accelerator))
+    loop = TrainingLoop(recipe, accelerator, model, optimizer, scheduler, method, tokenizer, dataset, eval_set, log, state)
+    try:
+        result = loop.run(show_progress)
+    finally:
+        log.close()
+    if not result.interrupted:
+        result.final_dir = export_final(recipe, accelerator, method, model, tokenizer)
+    return result
+
+
+def _manifest_extra(recipe, fingerprint, model, method, truncation, n_examples, accelerator) -> dict:
+    return {
+        "model_fingerprint": fingerprint,
+        "method": recipe.method.name,
+        "target_modules": method.ctx.target_modules,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "data": {"train": recipe.data.train, "train_sha256": data_fingerprint(recipe.data.train), "examples": n_examples},
+        "truncation": vars(truncation),
+        "num_processes": accelerator.num_processes,
+    }
+
+
+def export_final(recipe, accelerator, method, model, tokenizer) -> Path:
+    """Export on rank 0 into a temporary folder, then rename it to ``<run_dir>/final``."""
+    final = recipe.run_dir() / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = recipe.run_dir() / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        method.export(unwrap_model(model), tmp, tokenizer, recipe.output.merge)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+class TrainingLoop:
+    """Runs optimizer steps from ``state.step`` to ``training.max_steps``."""
+
+    def __init__(self, recipe, accelerator, model, optimizer, scheduler, method, tokenizer, dataset, eval_set, log, state):
+        self.recipe, self.cfg = recipe, recipe.training
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.method, self.tokenizer, self.eval_set, self.log, self.state = method, tokenizer, eval_set, log, state
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rank, world = accelerator.process_index, accelerator.num_processes
+        self.stream = BatchStream(dataset, self.cfg.batch_size, self.cfg.seed, pad, rank, world, state)
+        self.pad_id = pad
+        self.metrics: list[dict] = []
+        self.retention = None
+
+    def run(self, show_progress: bool) -> TrainResult:
+        from .retention import RetentionTracker
+
+        self.retention = RetentionTracker.maybe(self.recipe, self.tokenizer, self.accelerator, self.model)
+        loss = float("nan")
+        progress = TrainingProgress(self.cfg.max_steps, self.state.step, show_progress and self.accelerator.is_main_process)
+        try:
+            with progress:
+                while self.state.step < self.cfg.max_steps:
+                    loss, tokens, seconds, grad_norm = self.one_step()
+                    self.after_step(loss, tokens, seconds, grad_norm, progress)
+        except KeyboardInterrupt:
+            path = self.checkpoint()
+            self.accelerator.print(f"Interrupted: saved {path}. Continue with --resume.")
+            return TrainResult(self.recipe.run_dir(), None, self.state.step, loss, interrupted=True, metrics=self.metrics)
+        if self.cfg.save_every == 0 or self.state.step % self.cfg.save_every:
+            self.checkpoint()
+        return TrainResult(self.recipe.run_dir(), None, self.state.step, loss, metrics=self.metrics)
+
+    def one_step(self) -> tuple[float, int, float, float | None]:
+        """One optimizer update over ``grad_accum`` micro-batches; returns (loss, tokens, seconds, grad norm)."""
+        start = time.perf_counter()
+        self.model.train()
+        total, tokens = 0.0, 0
+        for micro in range(self.cfg.grad_accum):
+            batch = {k: v.to(self.accelerator.device) for k, v in self.stream.next().items()}
+            with self.accelerator.accumulate(self.model), self.accelerator.autocast():
+                outputs = self.model(**batch)
+                loss = outputs.loss
+                extra = self.method.extra_loss(self.model, batch, outputs)
+                if extra is not None:
+                    loss = loss + extra
+                self.accelerator.backward(loss)  # Accelerate divides by grad_accum
+            total += loss.detach().float().item() / self.cfg.grad_accum
+            tokens += int(batch["attention_mask"].sum())
+        total = self._mean_over_ranks(total)
+        if not math.isfinite(total):
+            self._diverged(total)
+        grad_norm = None
+        if self.cfg.max_grad_norm is not None:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self._trainable(), self.cfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.method.after_step(self.model, self.optimizer, self.state.step)
+        self.state.epoch, self.state.position = self.stream.epoch, self.stream.position
+        tokens = int(self._sum_over_ranks(tokens))
+        self.state.tokens += tokens
+        return total, tokens, time.perf_counter() - start, grad_norm
+
+    def _trainable(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        t = torch.tensor([value], device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, "mean"))
+
+    def _sum_over_ranks(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        t = torch.tensor([float(value)], device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, "sum"))
+
+    def _diverged(self, loss: float):
+        kept = list_checkpoints(self.recipe.run_dir())
+        where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved before it"
+        raise TrainingDiverged(
+            f"loss became {loss} at step {self.state.step + 1}; stopped ({where}). "
+            "Lower training.lr, enable clipping (training.max_grad_norm), or check the data."
+        )
+
+    def after_step(self, loss: float, tokens: int, seconds: float, grad_norm, progress) -> None:
+        step, cfg = self.state.step, self.cfg
+        lr = self.scheduler.get_last_lr()[0]
+        progress.update(step, loss=loss, lr=lr, tokens_per_s=tokens / max(seconds, 1e-9))
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            self._log(step, loss=loss, lr=lr, tokens_per_s=tokens / max(seconds, 1e-9), grad_norm=grad_norm, tokens=self.state.tokens)
+        if cfg.eval_every and self.eval_set is not None and step % cfg.eval_every == 0:
+            self._log(step, eval_loss=self.eval_loss())
+        if self.retention is not None and step % self.recipe.eval.every_n_steps == 0:
+            self._log(step, **self.retention.measure(self.model))
+        if cfg.save_every and step % cfg.save_every == 0:
+            self.checkpoint()
+
+    def _log(self, step: int, **values) -> None:
+        values = {k: v for k, v in values.items() if v is not None}
+        self.metrics.append({"step": step, **values})
+        self.log.log(step, **values)
+
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        self.model.eval()
+        total, count = 0.0, 0
+        for start in range(0, len(self.eval_set), self.cfg.batch_size):
+            rows = [self.eval_set[i] for i in range(start, min(start + self.cfg.batch_size, len(self.eval_set)))]
+            batch = {k: v.to(self.accelerator.device) for k, v in collate(rows, self.pad_id).items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(self.model(**batch).loss) * n
+            count += n
+        return self._mean_over_ranks(total / max(count, 1))
+
+    def checkpoint(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.accelerator.is_main_process:
+            model = unwrap_model(self.model)
+            path = save_checkpoint(
+                self.recipe.run_dir(), self.state, self.method, model, self.optimizer, self.scheduler, self.cfg.keep_last
+            )
+        self.accelerator.wait_for_everyone()
+        return path
+
+
+def check_runtime(recipe) -> None:
+    """Fail early, with a clear message, on settings this machine cannot run."""
+    if recipe.training.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise PPFTError("training.mixed_precision: fp16 needs a GPU; use 'no' on CPU")

@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny random Llama with a character tokenizer, tiny data sets, recipe writers.
+
+Nothing here downloads anything; everything is built in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+CHARS = string.ascii_lowercase + string.digits + " =+:,.>\n"
+
+
+def build_char_tokenizer():
+    """A character-level ``PreTrainedTokenizerFast`` with bos/eos/pad/unk, built with ``tokenizers``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + list(CHARS))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny random Llama (2 layers, hidden 32) and its character tokenizer."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_llama(len(tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def reverse_examples(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(2, 6, (1,), generator=g))
+        word = "".join(string.ascii_lowercase[int(i)] for i in torch.randint(0, 26, (length,), generator=g))
+        rows.append({"prompt": f"rev:{word}=", "completion": word[::-1]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_task_file(tmp_path_factory) -> Path:
+    """64 prompt/completion rows of a string-reversal task."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "task.jsonl", reverse_examples(64))
+
+
+@pytest.fixture
+def write_recipe(tmp_path, tiny_model_dir, tiny_task_file):
+    """``write_recipe(**sections) -> Path``: a recipe on the tiny model and task; sections override defaults."""
+
+    def write(name: str = "recipe", **sections) -> Path:
+        recipe = {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"train": str(tiny_task_file), "max_length": 32},
+            "method": {"name": "lora", "r": 4, "alpha": 8},
+            "training": {"lr": 1e-2, "max_steps": 6, "batch_size": 8, "log_every": 1, "seed": 0},
+            "output": {"dir": str(tmp_path / f"run-{name}")},
+        }
+        for key, value in sections.items():
+            recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) and key != "method" else value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return write
