@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Callable
@@ -51,3 +52,8 @@ def guarded(fn: Callable[[], object], debug: bool) -> object:
 
 def is_tty() -> bool:
     return sys.stderr.isatty()
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a torchrun / accelerate launch, and in a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli.common import DebugOpt, OutputDirOpt, RecipeArg, SetOpt, console, guarded
+from cli.common import DebugOpt, OutputDirOpt, RecipeArg, SetOpt, console, guarded, is_main_process
 
 app = typer.Typer(
     name="ppft",
@@ -60,7 +60,8 @@ def train(
         result = train_run(resolved, resume=resume, show_progress=progress)
         if result.interrupted:
             raise typer.Exit(130)
-        console.print(f"[green]done[/]: {result.steps} steps, final loss {result.final_loss:.4f}; model in {result.final_dir}")
+        if is_main_process():
+            console.print(f"[green]done[/]: {result.steps} steps, final loss {result.final_loss:.4f}; model in {result.final_dir}")
 
     guarded(run, debug)
 

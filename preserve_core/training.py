@@ -37,6 +37,7 @@ class TrainResult:
     final_loss: float
     interrupted: bool = False
     metrics: list[dict] = field(default_factory=list)
+    model: torch.nn.Module | None = field(default=None, repr=False)
 
 
 def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -83,7 +84,11 @@ def make_accelerator(recipe) -> Accelerator:
     precision = recipe.training.mixed_precision
     if precision != "no" and not torch.cuda.is_available():
         precision = "no"
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=recipe.training.grad_accum)
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate launch use gloo DDP on CPU
+        mixed_precision=precision,
+        gradient_accumulation_steps=recipe.training.grad_accum,
+    )
 
 
 def setup_method(recipe, model, tokenizer, accelerator):
@@ -141,6 +146,7 @@ def train(recipe, resume: bool = False, show_progress: bool = True) -> TrainResu
         log.close()
     if not result.interrupted:
         result.final_dir = export_final(recipe, accelerator, method, model, tokenizer)
+    result.model = unwrap_model(model)
     return result
 
 

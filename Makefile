@@ -1,0 +1,37 @@
+# ppft developer entry points. `make demo` and `make test` are the two commands the README gives.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ppft-installed
+
+.PHONY: setup demo test test-all bench clean
+
+# A fresh machine: a virtual environment, the CPU build of torch (never a multi-GB CUDA download
+# here: on these machines `pip install torch==2.13.0` takes a local CPU wheel), then ppft itself.
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# The main job on the embedded default (the skills lab); builds the lab model on first use.
+demo: setup
+	$(VENV)/bin/ppft lab build --size tiny
+	bash scripts/demo.sh $(VENV)/bin/ppft
+
+# The test suite (slow tests excluded; `make test-all` runs them too).
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
+	$(PY) -m pytest -q
+
+# Benchmarks: results in bench/results/, summarised in docs/results.md.
+bench: setup
+	$(VENV)/bin/ppft bench recipes/lab_bench.yaml
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

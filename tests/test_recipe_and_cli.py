@@ -1,0 +1,127 @@
+"""Recipes: strictness, locations in errors, extends, --set, paths; CLI exit codes; every shipped recipe validates."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cli.main import app
+from preserve_core.errors import RecipeError
+from preserve_core.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def cli(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_unknown_key_names_path_line_and_suggestion(write_recipe):
+    path = write_recipe(training={"lrr": 0.1})
+    result = cli("validate", path)
+    assert result.exit_code == 2
+    assert "training.lrr" in result.output and "Did you mean 'lr'" in result.output
+    assert f"{path}:" in result.output.replace("\n", "")
+
+
+def test_method_option_typo_gets_suggestion(write_recipe):
+    result = cli("validate", write_recipe(method={"name": "lora", "alhpa": 4}))
+    assert result.exit_code == 2 and "method.alhpa" in result.output and "'alpha'" in result.output
+
+
+def test_unknown_method_suggests(write_recipe):
+    result = cli("validate", write_recipe(method={"name": "lorra"}))
+    assert result.exit_code == 2 and "Did you mean 'lora'" in result.output
+
+
+def test_wrong_type_is_named(write_recipe):
+    result = cli("train", write_recipe(training={"max_steps": "many"}))
+    assert result.exit_code == 2 and "training.max_steps" in result.output
+
+
+def test_missing_file_is_named(write_recipe, tmp_path):
+    result = cli("train", write_recipe(data={"train": str(tmp_path / "nope.jsonl")}))
+    assert result.exit_code == 2 and "data.train" in result.output and "not found" in result.output
+
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [("training.lr", "key.path=value"), ("training.lr=abc", "training.lr"), ("training.bogus=1", "training.bogus")],
+)
+def test_bad_set_exits_2(write_recipe, override, expect):
+    result = cli("train", write_recipe(), "--set", override)
+    assert result.exit_code == 2 and expect in result.output
+
+
+def test_set_overrides_are_validated_and_applied(write_recipe):
+    recipe = load_recipe(write_recipe(), ["training.lr=3e-4", "method.r=16"])
+    assert recipe.training.lr == 3e-4 and recipe.method.r == 16
+
+
+def test_extends_and_relative_paths(tmp_path, tiny_task_file):
+    (tmp_path / "sub").mkdir()
+    data = tmp_path / "sub" / "task.jsonl"
+    data.write_text(tiny_task_file.read_text())
+    (tmp_path / "sub" / "base.yaml").write_text(
+        yaml.safe_dump({"data": {"train": "task.jsonl"}, "method": {"name": "lora", "r": 4}, "training": {"lr": 0.5}})
+    )
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"extends": "sub/base.yaml", "method": {"name": "lora", "r": 2}}))
+    recipe = load_recipe(tmp_path / "child.yaml")
+    assert recipe.data.train == str(data)
+    assert recipe.method.r == 2 and recipe.method.alpha == 16 and recipe.training.lr == 0.5
+    assert recipe.name == "child"
+
+
+def test_extends_cycle_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def test_not_a_mapping(tmp_path):
+    (tmp_path / "r.yaml").write_text("- 1\n- 2\n")
+    assert cli("validate", tmp_path / "r.yaml").exit_code == 2
+
+
+def test_over_long_examples_error_unless_truncation(write_recipe):
+    result = cli("train", write_recipe(data={"max_length": 4}))
+    assert result.exit_code == 2 and "data.max_length" in result.output
+    result = cli("train", write_recipe("cut", data={"max_length": 6, "truncation": "left"}, training={"max_steps": 1}))
+    assert result.exit_code == 0, result.output
+
+
+def test_help_is_complete():
+    for command in ([], ["train"], ["validate"]):
+        result = cli(*command, "--help")
+        assert result.exit_code == 0
+    assert "--resume" in cli("train", "--help").output
+
+
+@pytest.mark.parametrize("recipe_file", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(recipe_file, tmp_path):
+    load_recipe(recipe_file, output_dir=str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_two_process_run(write_recipe):
+    """2 CPU processes through Accelerate (DDP over gloo); only rank 0 writes files."""
+    path = write_recipe(training={"max_steps": 4, "batch_size": 4})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cli.main", "train", str(path),
+           "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_dir = load_recipe(path).run_dir()
+    manifest = yaml.safe_load((run_dir / "manifest.json").read_text())
+    assert manifest["num_processes"] == 2
+    assert (run_dir / "final" / "adapter_model.safetensors").exists()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4, "metrics must be written once (rank 0), not once per process"
