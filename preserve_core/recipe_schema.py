@@ -140,6 +140,8 @@ class EvalConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
+    """Where a run writes and what it exports."""
+
     dir: str | None = Field(None, description="Run directory (default ./runs/<recipe name>).")
     merge: bool = Field(False, description="Also save merged full weights for adapter methods.")
     overwrite: bool = Field(False, description="Allow writing into a run directory that holds a finished run.")

@@ -125,3 +125,9 @@ def test_two_process_run(write_recipe):
     assert (run_dir / "final" / "adapter_model.safetensors").exists()
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4, "metrics must be written once (rank 0), not once per process"
+
+
+def test_recipe_reference_is_current():
+    from preserve_core.recipe_docs import render
+
+    assert (REPO / "docs" / "recipes.md").read_text() == render(), "run: python -m preserve_core.recipe_docs > docs/recipes.md"

@@ -1,0 +1,64 @@
+"""Render the recipe reference (docs/recipes.md) from the schema, so the docs cannot drift from the code."""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel
+
+from .methods import METHODS
+from .recipe_schema import CalibrationConfig, DataConfig, EvalConfig, EvalTask, ModelConfig, OutputConfig, TrainingConfig
+
+SECTIONS: list[tuple[str, type[BaseModel]]] = [
+    ("model", ModelConfig),
+    ("data", DataConfig),
+    ("training", TrainingConfig),
+    ("calibration", CalibrationConfig),
+    ("eval", EvalConfig),
+    ("eval.target[] / eval.preserve[]", EvalTask),
+    ("output", OutputConfig),
+]
+
+HEADER = """# Recipe reference
+
+Generated from the schema by `python -m preserve_core.recipe_docs > docs/recipes.md` (a test checks it is
+current). Every section is strict: unknown keys are errors. Relative paths resolve against the recipe
+file that sets them; `extends: other.yaml` inherits a recipe and overrides it key by key (lists are
+replaced, mappings merged). `--set key.path=value` overrides any key from the command line (the value is
+parsed as YAML). `name` defaults to the recipe file's name; `output.dir` defaults to `./runs/<name>`.
+"""
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "**required**"
+    value = field.get_default(call_default_factory=True)
+    return f"`{json.dumps(value)}`" if not isinstance(value, BaseModel) else "(section)"
+
+
+def _type(field) -> str:
+    text = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return text.replace("|", "\\|")
+
+
+def section_table(title: str, model: type[BaseModel]) -> str:
+    summary = ((model.__doc__ or "").strip().splitlines() or [""])[0]
+    rows = [f"## `{title}`", "", summary, "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, field in model.model_fields.items():
+        text = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | `{_type(field)}` | {_default(field)} | {text} |")
+    return "\n".join(rows) + "\n"
+
+
+def render() -> str:
+    parts = [HEADER]
+    for title, model in SECTIONS:
+        parts.append(section_table(title, model))
+    parts.append("## `method`\n\n`method.name` picks the method; the other keys are that method's options.\n")
+    for name, method in METHODS.items():
+        parts.append(section_table(f"method: {name}", method.Options))
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(render(), end="")
