@@ -67,6 +67,9 @@ def train(
 
 
 # Subcommands that live in their own modules (one per concern).
+from cli.bench import bench  # noqa: E402
+
+app.command("bench")(bench)
 def main() -> None:
     app()
 

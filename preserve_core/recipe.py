@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 from .errors import RecipeError
 from .methods import METHODS
 from .recipe_schema import (
+    BenchConfig,
     CalibrationConfig,
     DataConfig,
     EvalConfig,
@@ -44,6 +45,7 @@ class Recipe(StrictModel):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
 
     def run_dir(self) -> Path:
         return Path(self.output.dir)
@@ -110,6 +112,12 @@ def _resolve_paths_in_place(data: dict, base_dir: Path) -> None:
     fix(data.get("calibration"), "preserve_data")
     fix(data.get("calibration"), "dir", always_local=True)
     fix(data.get("output"), "dir", always_local=True)
+    bench = data.get("bench") or {}
+    fix(bench, "out_dir", always_local=True)
+    fix(bench, "kl_data")
+    for task in bench.get("tasks") or []:
+        fix(task, "train")
+        fix(task, "eval")
     for suite in ("target", "preserve"):
         for task in (data.get("eval") or {}).get(suite) or []:
             fix(task, "data")

@@ -139,6 +139,35 @@ class EvalConfig(StrictModel):
     )
 
 
+class BenchTask(StrictModel):
+    """A new task for the comparison: train on ``train``, score exact match on ``eval``."""
+
+    name: str
+    train: str = Field(..., description="Training data (path or lab:<skill>).")
+    eval: str = Field(..., description="Exact-match eval data (path, or lab:<skill> for its eval split).")
+    max_new_tokens: int = Field(16, gt=0)
+    limit: int | None = Field(None, gt=0, description="Score the first N eval examples.")
+
+
+class BenchMethod(StrictModel):
+    """One method of the comparison and its learning-rate sweep."""
+
+    label: str | None = Field(None, description="Row label (default: method.name).")
+    method: dict = Field(..., description="A method section, e.g. {name: fora, rank: 8}.")
+    lrs: list[float] = Field(..., min_length=1, description="Learning rates to sweep.")
+
+
+class BenchConfig(StrictModel):
+    """``ppft bench``: every method x learning rate x task x seed, trained and evaluated the same way."""
+
+    methods: list[BenchMethod] = Field(default_factory=list)
+    tasks: list[BenchTask] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    kl_data: str | None = Field(None, description="Prompts for the KL-to-base column (path or lab:<skill>).")
+    kl_limit: int = Field(64, gt=0)
+    out_dir: str = Field("bench", description="Results folder (results.json, results.md, pareto.png, cells/).")
+
+
 class OutputConfig(StrictModel):
     """Where a run writes and what it exports."""
 

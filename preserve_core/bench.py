@@ -1,0 +1,165 @@
+"""``ppft bench``: the learning-vs-forgetting comparison as a command.
+
+Every (task, method, learning rate, seed) cell is trained from the same base recipe with the same
+steps, batch and eval, then scored on the new task (exact match) and on every preserve task, and
+optionally by the KL of its next-token distributions from the base model. A finished cell's
+``cell.json`` is never recomputed, so an interrupted bench resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import RecipeError
+from .recipe import Recipe, validate_recipe
+from .recipe_schema import BenchTask, EvalTask
+from .runs import write_atomic
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    label: str
+    lr: float
+    seed: int
+    method_json: str  # the method section, as sorted JSON (hashable)
+
+    @property
+    def id(self) -> str:
+        return f"{self.task}__{self.label}__lr{self.lr:g}__s{self.seed}"
+
+    @property
+    def method(self) -> dict:
+        return json.loads(self.method_json)
+
+
+def plan_cells(recipe: Recipe) -> list[Cell]:
+    bench = recipe.bench
+    if not bench.methods or not bench.tasks:
+        raise RecipeError("bench: list at least one entry in bench.methods and bench.tasks (see docs/results.md)")
+    labels = [m.label or m.method.get("name", "?") for m in bench.methods]
+    if len(set(labels)) != len(labels):
+        raise RecipeError(f"bench.methods: labels must be unique, got {labels}; set label: on repeated methods")
+    return [
+        Cell(task.name, label, lr, seed, json.dumps(entry.method, sort_keys=True))
+        for task in bench.tasks
+        for entry, label in zip(bench.methods, labels)
+        for lr in entry.lrs
+        for seed in bench.seeds
+    ]
+
+
+def target_task(task: BenchTask) -> EvalTask:
+    return EvalTask(name=task.name, kind="exact_match", data=task.eval, max_new_tokens=task.max_new_tokens, limit=task.limit)
+
+
+def cell_recipe(base: Recipe, cell: Cell, task: BenchTask, cells_dir: Path) -> Recipe:
+    """The base recipe with this cell's method, learning rate, seed, task data and run folder."""
+    data = base.model_dump(mode="json")
+    data.pop("bench")
+    data["name"] = cell.id
+    data["method"] = cell.method
+    data["training"].update(lr=cell.lr, seed=cell.seed, keep_last=1)
+    data["data"]["train"] = task.train
+    data["eval"]["target"] = [target_task(task).model_dump(mode="json")]
+    data["eval"]["every_n_steps"] = 0
+    data["output"].update(dir=str(cells_dir / cell.id), overwrite=True, merge=False)
+    data["calibration"]["dir"] = str(cells_dir / f"calibration__{task.name}__s{cell.seed}__{cell.label}")
+    return validate_recipe(data, {("bench",): (f"bench cell {cell.id}", 0)})
+
+
+def validate_plan(base: Recipe, cells: list[Cell], cells_dir: Path) -> None:
+    """Build every cell's recipe up front, so a typo in one method fails before hours of training."""
+    tasks = {t.name: t for t in base.bench.tasks}
+    for cell in cells:
+        try:
+            cell_recipe(base, cell, tasks[cell.task], cells_dir)
+        except RecipeError as e:
+            raise RecipeError(f"bench.methods ({cell.label}): {e}") from None
+
+
+def score_dict(result) -> dict:
+    return {"score": result.score, "n": result.n, "stderr": result.stderr, "metric": result.metric}
+
+
+class BenchRunner:
+    """Runs the cells of a bench recipe in one process, sharing the base model's evaluation."""
+
+    def __init__(self, recipe: Recipe, progress=None):
+        self.recipe = recipe
+        self.out = Path(recipe.bench.out_dir)
+        self.cells_dir = self.out / "cells"
+        self.tasks = {t.name: t for t in recipe.bench.tasks}
+        self.progress = progress or (lambda message: None)
+        self._tokenizer = None
+        self._base = None
+
+    def base_model(self):
+        from .models import load_model, load_tokenizer
+
+        if self._base is None:
+            self._tokenizer = load_tokenizer(self.recipe.model)
+            self._base = load_model(self.recipe.model).eval()
+        return self._base, self._tokenizer
+
+    def kl_task(self) -> EvalTask | None:
+        bench = self.recipe.bench
+        if not bench.kl_data:
+            return None
+        return EvalTask(name="kl_to_base", kind="kl_to_base", data=bench.kl_data, limit=bench.kl_limit)
+
+    def base_scores(self) -> dict:
+        """Base-model scores on every target and preserve task (computed once, kept in base.json)."""
+        path = self.out / "base.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        from .evaluation import evaluate_suite
+
+        base, tokenizer = self.base_model()
+        tasks = [target_task(t) for t in self.tasks.values()] + list(self.recipe.eval.preserve)
+        self.progress("base model: evaluating")
+        results = evaluate_suite(base, tokenizer, tasks, self.recipe.eval.batch_size)
+        scores = {name: score_dict(r) for name, r in results.items()}
+        write_atomic(path, json.dumps(scores, indent=2))
+        return scores
+
+    def run_cell(self, cell: Cell) -> dict:
+        from .evaluation import evaluate_suite
+        from .training import train
+
+        path = self.cells_dir / cell.id / "cell.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        recipe = cell_recipe(self.recipe, cell, self.tasks[cell.task], self.cells_dir)
+        start = time.perf_counter()
+        result = train(recipe, show_progress=False)
+        train_seconds = time.perf_counter() - start
+        model = result.model.eval()
+        base, tokenizer = self.base_model()
+        tasks = list(recipe.eval.target) + list(recipe.eval.preserve)
+        start = time.perf_counter()
+        with torch.no_grad():
+            scores = {n: score_dict(r) for n, r in evaluate_suite(model, tokenizer, tasks, recipe.eval.batch_size).items()}
+            kl = self.kl_task()
+            if kl is not None:
+                scores["kl_to_base"] = score_dict(evaluate_suite(model, tokenizer, [kl], recipe.eval.batch_size, base)[kl.name])
+        record = {
+            **asdict(cell),
+            "method": cell.method,
+            "id": cell.id,
+            "final_loss": result.final_loss,
+            "train_seconds": train_seconds,
+            "eval_seconds": time.perf_counter() - start,
+            "scores": scores,
+        }
+        record.pop("method_json")
+        write_atomic(path, json.dumps(record, indent=2))
+        del model, result
+        gc.collect()
+        return record

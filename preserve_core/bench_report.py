@@ -1,0 +1,146 @@
+"""Aggregating bench cells: results.json, a Markdown table and the learning-vs-forgetting (Pareto) plot.
+
+For each (task, method, lr), scores are averaged over seeds. The new-task standard error is the
+binomial one of the pooled accuracy; the preserve mean's is ``sqrt(sum_i se_i^2) / k`` over the k
+preserve tasks (independent binomials). A point is Pareto-optimal within its task when no other
+point has both a higher new-task accuracy and a higher preserve mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .runs import write_atomic
+
+
+def _pooled(scores: list[dict]) -> dict:
+    n = sum(s["n"] for s in scores)
+    p = sum(s["score"] * s["n"] for s in scores) / n if n else float("nan")
+    se = math.sqrt(p * (1 - p) / n) if n and 0 <= p <= 1 else None
+    return {"score": p, "n": n, "stderr": se}
+
+
+def aggregate(cells: list[dict], preserve_names: list[str]) -> list[dict]:
+    """One row per (task, label, lr): new-task accuracy, preserve mean, per-skill accuracy, KL, each with se."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for cell in cells:
+        groups[(cell["task"], cell["label"], cell["lr"])].append(cell)
+    rows = []
+    for (task, label, lr), members in groups.items():
+        target = _pooled([m["scores"][task] for m in members])
+        skills = {name: _pooled([m["scores"][name] for m in members]) for name in preserve_names}
+        mean = sum(s["score"] for s in skills.values()) / len(skills) if skills else float("nan")
+        ses = [s["stderr"] for s in skills.values() if s["stderr"] is not None]
+        kl = [m["scores"]["kl_to_base"]["score"] for m in members if "kl_to_base" in m["scores"]]
+        rows.append(
+            {
+                "task": task, "method": label, "lr": lr, "seeds": sorted(m["seed"] for m in members),
+                "new_task": target, "preserve_mean": {"score": mean, "stderr": math.sqrt(sum(s * s for s in ses)) / len(ses) if ses else None},
+                "preserve": skills, "kl_to_base": sum(kl) / len(kl) if kl else None,
+                "train_seconds": sum(m["train_seconds"] for m in members) / len(members),
+            }
+        )  # fmt: skip
+    mark_pareto(rows)
+    return sorted(rows, key=lambda r: (r["task"], r["method"], r["lr"]))
+
+
+def mark_pareto(rows: list[dict]) -> None:
+    for row in rows:
+        x, y = row["preserve_mean"]["score"], row["new_task"]["score"]
+        row["pareto"] = not any(
+            o is not row and o["task"] == row["task"] and o["preserve_mean"]["score"] >= x and o["new_task"]["score"] >= y
+            and (o["preserve_mean"]["score"] > x or o["new_task"]["score"] > y)
+            for o in rows
+        )  # fmt: skip
+
+
+def best_per_method(rows: list[dict]) -> list[dict]:
+    """Per (task, method), the lr with the highest mean of new-task accuracy and preserve mean."""
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row["task"], row["method"])
+        value = (row["new_task"]["score"] + row["preserve_mean"]["score"]) / 2
+        if key not in best or value > best[key]["balanced"]:
+            best[key] = {**row, "balanced": value}
+    return sorted(best.values(), key=lambda r: (r["task"], -r["balanced"]))
+
+
+def _pct(d: dict | None) -> str:
+    if not d or d.get("score") is None or math.isnan(d["score"]):
+        return "-"
+    se = f" ± {100 * d['stderr']:.1f}" if d.get("stderr") is not None else ""
+    return f"{100 * d['score']:.1f}{se}"
+
+
+def markdown(rows: list[dict], base: dict, preserve_names: list[str], settings: dict) -> str:
+    head = ["method", "lr", "new task", "preserve mean", *preserve_names, "KL to base", "Pareto"]
+    out = [
+        "# Bench results",
+        "",
+        f"Settings: {json.dumps(settings)}",
+        "",
+        "Accuracies in percent (exact match, ± one standard error). 'preserve mean' averages the preserved skills.",
+        "",
+    ]
+    for task in sorted({r["task"] for r in rows}):
+        out += [f"## New task: {task}", "", f"Base model: new task {_pct(base.get(task))}, "
+                + ", ".join(f"{n} {_pct(base.get(n))}" for n in preserve_names), ""]  # fmt: skip
+        out += ["### Best learning rate per method (max of the mean of new-task and preserve-mean accuracy)", ""]
+        out += _table(head, [r for r in best_per_method(rows) if r["task"] == task], preserve_names)
+        out += ["### Every cell", ""]
+        out += _table(head, [r for r in rows if r["task"] == task], preserve_names)
+    return "\n".join(out) + "\n"
+
+
+def _table(head: list[str], rows: list[dict], preserve_names: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        kl = f"{r['kl_to_base']:.4f}" if r["kl_to_base"] is not None else "-"
+        cells = [r["method"], f"{r['lr']:g}", _pct(r["new_task"]), _pct(r["preserve_mean"])]
+        cells += [_pct(r["preserve"][n]) for n in preserve_names] + [kl, "yes" if r["pareto"] else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def pareto_plot(rows: list[dict], base: dict, path: Path) -> None:
+    """One panel per task: x = preserve mean accuracy, y = new-task accuracy; Pareto front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    methods = sorted({r["method"] for r in rows})
+    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in rows if r["task"] == task]
+        for m in methods:
+            pts = [r for r in mine if r["method"] == m]
+            ax.scatter([100 * r["preserve_mean"]["score"] for r in pts], [100 * r["new_task"]["score"] for r in pts],
+                       color=colors[m], label=m, s=40, edgecolors="black", linewidths=0.4)  # fmt: skip
+        front = sorted((r for r in mine if r["pareto"]), key=lambda r: r["preserve_mean"]["score"])
+        ax.plot([100 * r["preserve_mean"]["score"] for r in front], [100 * r["new_task"]["score"] for r in front], "k--", lw=1, label="Pareto front")
+        if task in base:
+            ax.axhline(100 * base[task]["score"], color="grey", lw=0.8, ls=":", label="base (new task)")
+        ax.set_title(f"new task: {task}")
+        ax.set_xlabel("preserved skills, mean exact match (%)  → less forgetting")
+        ax.set_ylabel("new task exact match (%)  → more learning")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_results(out: Path, cells: list[dict], base: dict, preserve_names: list[str], settings: dict) -> list[dict]:
+    rows = aggregate(cells, preserve_names)
+    write_atomic(out / "results.json", json.dumps({"settings": settings, "base": base, "rows": rows, "cells": cells}, indent=2))
+    write_atomic(out / "results.md", markdown(rows, base, preserve_names, settings))
+    pareto_plot(rows, base, out / "pareto.png")
+    return rows
