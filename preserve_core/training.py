@@ -270,7 +270,10 @@ class TrainingLoop:
         lr = self.scheduler.get_last_lr()[0]
         progress.update(step, loss=loss, lr=lr, tokens_per_s=tokens / max(seconds, 1e-9))
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            self._log(step, loss=loss, lr=lr, tokens_per_s=tokens / max(seconds, 1e-9), grad_norm=grad_norm, tokens=self.state.tokens)
+            self._log(
+                step, loss=loss, lr=lr, tokens_per_s=tokens / max(seconds, 1e-9), step_seconds=seconds,
+                grad_norm=grad_norm, tokens=self.state.tokens,
+            )  # fmt: skip
         if cfg.eval_every and self.eval_set is not None and step % cfg.eval_every == 0:
             self._log(step, eval_loss=self.eval_loss())
         if self.retention is not None and step % self.recipe.eval.every_n_steps == 0:

@@ -1,0 +1,123 @@
+"""Step time and peak memory of every registered method, side by side, on one random-init model.
+
+Each method runs in its own subprocess (so peak RSS is its own) on the same random-init Llama,
+data, batch and steps; calibration, when a method needs it, happens before the timed steps and is
+reported separately. Ratios: adapter methods versus ``lora``, full-weight methods versus ``full``.
+
+    python bench/bench_methods.py --out bench/results/methods.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+FULL_WEIGHT = {"full", "l2sp", "ewc", "replay", "kl"}  # default base: full; the rest are adapters
+
+
+def method_sections() -> dict[str, dict]:
+    """One representative configuration per registered method (rank 8 where there is a rank)."""
+    from preserve_core.methods import METHODS
+
+    sections = {}
+    for name, cls in METHODS.items():
+        fields = cls.Options.model_fields
+        section = {"name": name}
+        for key in ("r", "rank"):
+            if key in fields:
+                section[key] = 8
+        sections[name] = section
+    if "fora" in sections:
+        sections["fora_full"] = {"name": "fora", "form": "full"}
+    return sections
+
+
+def child(recipe_path: str) -> None:
+    """Runs in the subprocess: train, then print step times and peak RSS as JSON."""
+    from preserve_core.recipe import load_recipe
+    from preserve_core.training import train
+
+    start = time.perf_counter()
+    result = train(load_recipe(recipe_path), show_progress=False)
+    steps = [m["step_seconds"] for m in result.metrics if "step_seconds" in m]
+    warm = steps[len(steps) // 5 :]
+    print(json.dumps({
+        "step_seconds_median": statistics.median(warm), "step_seconds_mean": statistics.fmean(warm),
+        "total_seconds": time.perf_counter() - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))  # fmt: skip
+
+
+def write_fixture(root: Path, hidden: int, layers: int, rows: int) -> tuple[Path, Path]:
+    from conftest import build_char_tokenizer, build_tiny_llama, reverse_examples, write_jsonl
+
+    tokenizer = build_char_tokenizer()
+    build_tiny_llama(len(tokenizer), hidden=hidden, layers=layers).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    write_jsonl(root / "preserve.jsonl", [{"text": r["prompt"] + r["completion"]} for r in reverse_examples(256, seed=9)])
+    return root / "model", write_jsonl(root / "task.jsonl", reverse_examples(rows))
+
+
+def recipe_for(root: Path, model: Path, data: Path, label: str, section: dict, steps: int, batch: int) -> Path:
+    recipe = {
+        "model": {"name_or_path": str(model)},
+        "data": {"train": str(data), "max_length": 64},
+        "method": section,
+        "training": {"lr": 1e-4, "max_steps": steps, "batch_size": batch, "log_every": 1},
+        "calibration": {"preserve_source": "dataset", "preserve_data": str(root / "preserve.jsonl"), "num_samples": 64},
+        "output": {"dir": str(root / f"run-{label}"), "overwrite": True},
+    }
+    path = root / f"{label}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results/methods.json")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model, data = write_fixture(root, args.hidden, args.layers, rows=args.batch * args.steps)
+        for label, section in method_sections().items():
+            path = recipe_for(root, model, data, label, section, args.steps, args.batch)
+            proc = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True, cwd=REPO)
+            if proc.returncode != 0:
+                results[label] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+                continue
+            results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(label, results[label], flush=True)
+    for label, r in results.items():
+        if "error" in r:
+            continue
+        ref = "full" if label in FULL_WEIGHT or label == "fora_full" else "lora"
+        if ref in results and "error" not in results[ref]:
+            r["reference"] = ref
+            r["step_time_ratio"] = r["step_seconds_median"] / results[ref]["step_seconds_median"]
+    out = {"benchmark": "method_step_time", "settings": {k: v for k, v in vars(args).items() if k != "child"}, "methods": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2, default=str))
+    print(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
