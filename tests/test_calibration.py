@@ -1,0 +1,387 @@
+"""Calibration: exact statistics, shared inputs, padding, seeded sampling, filters, storage, reuse, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from preserve_core.calibration import (
+    collect_input_stats,
+    effective_ranks,
+    ensure_calibration,
+    load_calibration,
+    run_calibration,
+    token_mask,
+)
+from preserve_core.calibration.layout import discover_layout, group_key
+from preserve_core.calibration.sampling import degenerate_reason, sample_preserve_texts
+from preserve_core.errors import PPFTError, RecipeError
+from preserve_core.methods import METHODS
+from preserve_core.methods.lora import Lora
+from preserve_core.models import resolve_target_modules
+from preserve_core.recipe import load_recipe
+from preserve_core.recipe_schema import CalibrationConfig
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = {"num_samples": 8, "batch_size": 4, "max_new_tokens": 10, "min_new_tokens": 1, "stats_batch_size": 8,
+        "max_task_examples": 24}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: a second intra-op thread only adds contention (badly so on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def padded_batch() -> dict[str, torch.Tensor]:
+    """Three rows, two of them right-padded; the first four tokens of each row are 'prompt'."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 40, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 5:] = 0
+    ids[mask == 0] = 0
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def captured_inputs(model, names, batch) -> dict[str, torch.Tensor]:
+    """Every target layer's input [B, T, n] in float64, captured by independent hooks."""
+    seen = {}
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].double()))
+        for n in names
+    ]
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------------------------
+def test_token_mask_positions():
+    batch = {
+        "input_ids": torch.tensor([[1, 5, 6, 7, 2, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0]]),
+        "labels": torch.tensor([[-100, -100, 6, 7, 2, -100]]),
+    }
+    # loss: positions whose *next* label is scored (last prompt token .. last completion token)
+    assert token_mask(batch, "loss").tolist() == [[False, True, True, True, False, False]]
+    assert token_mask(batch, "all").tolist() == [[True, True, True, True, True, False]]
+
+
+@pytest.mark.parametrize("positions", ["all", "loss"])
+def test_stats_equal_float64_reference(model_and_tokenizer, positions):
+    model, _ = model_and_tokenizer
+    names = resolve_target_modules(model, None)
+    batch = padded_batch()
+    inputs = captured_inputs(model, names, batch)
+    mask = token_mask(batch, positions)
+    stats = collect_input_stats(model, names, [batch], positions=positions)
+    for name in names:
+        x = inputs[name][mask]  # [N, n]: padding and unselected positions excluded
+        reference = x.T @ x / x.shape[0]
+        cov, count = stats[name]
+        assert count == int(mask.sum())
+        assert cov.dtype == torch.float32 and cov.shape == reference.shape
+        torch.testing.assert_close(cov.double(), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_inputs_share_one_matrix(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    names = resolve_target_modules(model, None)
+    stats = collect_input_stats(model, names, [padded_batch()], positions="all")
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    assert stats[attn + "q_proj"][0] is stats[attn + "k_proj"][0] is stats[attn + "v_proj"][0]
+    assert stats[mlp + "gate_proj"][0] is stats[mlp + "up_proj"][0]
+    assert stats[attn + "o_proj"][0] is not stats[attn + "q_proj"][0]
+    assert stats[mlp + "down_proj"][0] is not stats[mlp + "up_proj"][0]
+    assert len({id(c) for c, _ in stats.values()}) == 4 * model.config.num_hidden_layers
+    layout = discover_layout(model, names, torch.device("cpu"))
+    assert layout.module_to_key[attn + "v_proj"] == attn + "{q_proj,k_proj,v_proj}"
+    assert layout.module_to_key[mlp + "up_proj"] == mlp + "{gate_proj,up_proj}"
+
+
+def test_padding_does_not_change_stats_and_lm_head_is_skipped(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    names = resolve_target_modules(model, ["o_proj", "down_proj"])
+    batch = padded_batch()
+    rows = [{k: v[i : i + 1, : int(batch["attention_mask"][i].sum())] for k, v in batch.items()} for i in range(3)]
+    head_calls = []
+    handle = model.lm_head.register_forward_pre_hook(lambda m, a: head_calls.append(1))
+    try:
+        together = collect_input_stats(model, names, [batch], positions="loss")
+    finally:
+        handle.remove()
+    separate = collect_input_stats(model, names, rows, positions="loss")
+    for name in names:
+        torch.testing.assert_close(together[name][0], separate[name][0], rtol=1e-5, atol=1e-6)
+        assert together[name][1] == separate[name][1]
+    assert len(head_calls) == 1  # the probe pass only: the statistics pass stops after the last target
+
+
+def test_group_key_and_effective_ranks():
+    assert group_key(["a.b.q", "a.b.k"]) == "a.b.{q,k}"
+    assert group_key(["x.y"]) == "x.y"
+    cov = torch.diag(torch.tensor([8.0, 1.0, 0.5, 0.5]))  # energy: 0.8, 0.9, 0.95, 1.0
+    assert effective_ranks(cov, (0.5, 0.9, 0.95, 0.99)) == [1, 2, 3, 4]
+    assert effective_ranks(torch.zeros(3, 3)) == [0, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
+def test_seeded_sampling_is_reproducible(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    cfg = CalibrationConfig(num_samples=6, batch_size=3, max_new_tokens=8, min_new_tokens=0, max_repeat_fraction=1.0)
+    torch.manual_seed(123)
+    first, report = sample_preserve_texts(model, tokenizer, cfg)
+    state_after = torch.random.get_rng_state()
+    again, _ = sample_preserve_texts(model, tokenizer, cfg)
+    other, _ = sample_preserve_texts(model, tokenizer, cfg.model_copy(update={"seed": 1}))
+    assert [s.text for s in first] == [s.text for s in again]
+    assert [s.ids for s in first] == [s.ids for s in again]
+    assert [s.ids for s in first] != [s.ids for s in other]
+    assert report.attempted == 6 and report.kept == 6
+    torch.manual_seed(123)
+    assert torch.equal(torch.random.get_rng_state(), state_after)  # the caller's RNG stream is untouched
+    assert all(s.ids[0] == tokenizer.bos_token_id and len(s.ids) <= 1 + 8 for s in first)
+
+
+def test_sampling_start_modes(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    base = {"num_samples": 6, "batch_size": 3, "max_new_tokens": 4, "min_new_tokens": 0, "max_repeat_fraction": 1.0}
+    prompts = CalibrationConfig(**base, start="prompts", seed_prompts=["abc", "xy"])
+    samples, _ = sample_preserve_texts(model, tokenizer, prompts)
+    for i, sample in enumerate(samples):  # prompts cycle by sample slot, across batches
+        prompt = tokenizer(["abc", "xy"][i % 2], add_special_tokens=False)["input_ids"]
+        assert sample.ids[: 1 + len(prompt)] == [tokenizer.bos_token_id, *prompt]
+    uniform, _ = sample_preserve_texts(model, tokenizer, CalibrationConfig(**base, start="uniform"))
+    firsts = [s.ids[1] for s in uniform]
+    assert len(set(firsts)) > 1 and not set(firsts) & set(tokenizer.all_special_ids)
+
+
+def test_degenerate_filter():
+    assert degenerate_reason([5, 6, 7, 8], "abcd", 4, 0.5) is None
+    assert degenerate_reason([5, 6, 7], "abc", 4, 0.5) == "short"
+    assert degenerate_reason([5, 5, 5, 6], "aaab", 4, 0.5) == "repetitive"
+    assert degenerate_reason([5, 5, 6, 7], "aabc", 4, 0.5) is None  # exactly half is allowed
+    assert degenerate_reason([3, 3, 3, 3], "  ", 0, 1.0) == "empty"
+
+
+def test_sampling_filter_drops_and_reports(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    cfg = CalibrationConfig(num_samples=6, batch_size=6, max_new_tokens=6, min_new_tokens=0, max_repeat_fraction=1.0)
+    everything, _ = sample_preserve_texts(model, tokenizer, cfg)
+    strict = cfg.model_copy(update={"max_repeat_fraction": 0.2})  # any token twice in 6 is too many
+    passing = [s.ids for s in everything if degenerate_reason(s.new_ids, s.text, 0, 0.2) is None]
+    assert 0 < len(passing) < len(everything)  # this seed draws both kinds
+    survivors, report = sample_preserve_texts(model, tokenizer, strict)
+    assert [s.ids for s in survivors][: len(passing)] == passing  # same draws, filtered
+    assert report.dropped["repetitive"] >= len(everything) - len(passing)
+    assert report.attempted == report.kept + sum(report.dropped.values())
+    with pytest.raises(PPFTError, match="no usable sample"):
+        sample_preserve_texts(model, tokenizer, cfg.model_copy(update={"min_new_tokens": 7}))
+
+
+# ---------------------------------------------------------------------------------------------
+# the calibration folder
+# ---------------------------------------------------------------------------------------------
+class ExtraLora(Lora):
+    """A method with its own calibration extras (stands in for EWC / KL)."""
+
+    name = "extra_lora"
+
+    @classmethod
+    def calibrate_extra(cls, model, tokenizer, preserve_texts, recipe):
+        return {"n_texts": torch.tensor([len(preserve_texts)])}
+
+
+class FailingLora(Lora):
+    name = "failing_lora"
+
+    @classmethod
+    def calibrate_extra(cls, model, tokenizer, preserve_texts, recipe):
+        raise RuntimeError("boom")
+
+
+def test_run_save_load_and_reuse(write_recipe, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    recipe = load_recipe(write_recipe(calibration=FAST))
+    cal = run_calibration(recipe, model, tokenizer, ExtraLora)
+    assert cal.dir == recipe.calibration_dir() and not cal.reused
+    lines = [json.loads(line) for line in (cal.dir / "preserve.jsonl").read_text().splitlines()]
+    assert [line["text"] for line in lines] == cal.preserve_texts and len(lines) == 8
+    sidecar = json.loads((cal.dir / "preserve.json").read_text())
+    assert sidecar["model_fingerprint"] == cal.manifest["model_fingerprint"] and sidecar["settings"]["seed"] == 0
+    q, k = "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"
+    assert cal.input_key(q) == cal.input_key(k)
+    cp, ct = cal.preserve_cov(q), cal.task_cov(q)
+    assert cp.shape == (32, 32) and cp.dtype == torch.float32 and torch.allclose(cp, cp.T)
+    assert not torch.allclose(cp, ct)
+    counts = cal.token_counts()
+    assert counts["preserve"] == sum(len(line["ids"]) for line in lines) and counts["task"] > 0
+    assert cal.extra("extra_lora")["n_texts"].item() == 8
+    assert len(load_file(cal.dir / "preserve_stats.safetensors")) == 8  # one matrix per distinct input
+    assert ensure_calibration(recipe, model, tokenizer, ExtraLora).reused
+    changed = load_recipe(write_recipe(calibration={**FAST, "seed": 3}))
+    assert not ensure_calibration(changed, model, tokenizer, ExtraLora).reused
+
+
+def test_fingerprint_mismatch_is_refused(write_recipe, model_and_tokenizer, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = model_and_tokenizer
+    recipe = load_recipe(write_recipe(calibration=FAST))
+    run_calibration(recipe, model, tokenizer, Lora)
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    with pytest.raises(RecipeError, match="another model.*ppft calibrate"):
+        load_calibration(recipe, other)
+    assert not ensure_calibration(recipe, other.eval(), tokenizer, Lora).reused  # recomputed for the new model
+    load_calibration(recipe, other)
+    with pytest.raises(RecipeError, match="another model"):
+        load_calibration(recipe, model)
+
+
+def test_missing_extra_is_added_on_reuse(write_recipe, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    recipe = load_recipe(write_recipe(calibration=FAST))
+    run_calibration(recipe, model, tokenizer, Lora)
+    cal = ensure_calibration(recipe, model, tokenizer, ExtraLora)
+    assert cal.reused and cal.extra("extra_lora")["n_texts"].item() == 8
+
+
+def test_failure_leaves_nothing_half_written(write_recipe, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    recipe = load_recipe(write_recipe(calibration=FAST))
+    with pytest.raises(RuntimeError, match="boom"):
+        run_calibration(recipe, model, tokenizer, FailingLora)
+    assert not recipe.calibration_dir().exists()
+    good = run_calibration(recipe, model, tokenizer, Lora)
+    before = (good.dir / "manifest.json").read_text()
+    with pytest.raises(RuntimeError, match="boom"):
+        run_calibration(recipe, model, tokenizer, FailingLora)
+    assert (good.dir / "manifest.json").read_text() == before  # the old output is intact
+    assert [p.name for p in good.dir.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_refuses_to_replace_a_foreign_folder(write_recipe, model_and_tokenizer, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    recipe = load_recipe(write_recipe(calibration={**FAST, "dir": str(foreign)}))
+    with pytest.raises(RecipeError, match="not a ppft calibration folder"):
+        run_calibration(recipe, model, tokenizer, Lora)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_dataset_source_and_all_task_positions(write_recipe, model_and_tokenizer, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    texts = ["abc def", "hello world", "", "x1 y2 z3"]
+    data = tmp_path / "preserve.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = {**FAST, "preserve_source": "dataset", "preserve_data": str(data), "num_samples": 2}
+    loss = run_calibration(load_recipe(write_recipe("a", calibration=cfg)), model, tokenizer, Lora)
+    assert loss.preserve_texts == ["abc def", "hello world"]
+    assert loss.token_counts()["preserve"] == (1 + 7) + (1 + 11)  # [bos] + characters, no eos
+    everything = run_calibration(
+        load_recipe(write_recipe("b", calibration={**cfg, "task_positions": "all"})), model, tokenizer, Lora
+    )
+    assert everything.token_counts()["task"] > loss.token_counts()["task"]
+
+
+def test_cli_calibrate_writes_then_reuses(write_recipe):
+    import typer
+
+    from cli.calibrate import calibrate
+
+    app = typer.Typer()
+    app.command("calibrate")(calibrate)
+    app.command("noop")(lambda: None)
+    path = write_recipe(calibration=FAST)
+    runner = CliRunner()
+    first = runner.invoke(app, ["calibrate", str(path), "--set", "calibration.seed=5"])
+    assert first.exit_code == 0, first.output
+    assert "rank C_p" in first.output and "written" in first.output
+    second = runner.invoke(app, ["calibrate", str(path), "--set", "calibration.seed=5"])
+    assert second.exit_code == 0 and "reused" in second.output
+    bad = runner.invoke(app, ["calibrate", str(path), "--set", "calibration.start=prompts"])
+    assert bad.exit_code == 2, bad.output
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes
+# ---------------------------------------------------------------------------------------------
+SCRIPT = """
+import sys, torch
+from accelerate import Accelerator
+from preserve_core.calibration import run_calibration
+from preserve_core.methods.lora import Lora
+from preserve_core.models import load_model, load_tokenizer
+from preserve_core.recipe import load_recipe
+
+recipe = load_recipe(sys.argv[1], [f"calibration.dir={sys.argv[2]}"])
+accelerator = Accelerator(cpu=True)
+model = load_model(recipe.model, accelerator.device).eval()
+run_calibration(recipe, model, load_tokenizer(recipe.model), Lora, accelerator)
+accelerator.wait_for_everyone()
+accelerator.end_training()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(write_recipe, tmp_path):
+    recipe = write_recipe(calibration={**FAST, "num_samples": 10, "batch_size": 3, "stats_batch_size": 5})
+    script = tmp_path / "calibrate_script.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # a free port, so parallel runs do not collide
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, str(script), str(recipe), str(one)], env=env, check=True, timeout=300)
+    # accelerate 1.x: --cpu starts one process; --multi_gpu on a CPU-only machine runs torchrun with gloo
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+    subprocess.run([*launch, str(script), str(recipe), str(two)], env=env, check=True, timeout=300)
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
+    assert b["num_processes"] == 2 and a["num_processes"] == 1
+    assert a["counts"] == b["counts"]
+    assert (one / "preserve.jsonl").read_text() == (two / "preserve.jsonl").read_text()
+    for name in ("preserve_stats.safetensors", "task_stats.safetensors"):
+        left, right = load_file(one / name), load_file(two / name)
+        assert left.keys() == right.keys()
+        for key in left:
+            torch.testing.assert_close(left[key], right[key], rtol=1e-5, atol=1e-6)
+
+
+def test_method_registry_untouched():
+    assert "extra_lora" not in METHODS
