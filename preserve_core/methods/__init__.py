@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from .base import Method, MethodContext, MethodOptions
+from .ewc import Ewc
 from .full import FullFineTune
+from .kl import Kl
+from .l2sp import L2sp
 from .lora import Lora
+from .replay import Replay
 
 METHODS: dict[str, type[Method]] = {
     "full": FullFineTune,
     "lora": Lora,
+    "replay": Replay,
+    "l2sp": L2sp,
+    "ewc": Ewc,
+    "kl": Kl,
 }
 
 
