@@ -1,0 +1,232 @@
+"""``folora``: foundation-preserving LoRA by a generalized Rayleigh quotient, with direction-wise gated Adam.
+
+Per target linear ``W`` [m, n] with LoRA ``dW = (alpha/r) B A``: solve ``C_t v = lambda (C_p + eps I) v``
+(:mod:`.folora_basis`), write ``A = A~ V_K^T`` (:mod:`.folora_layer`), train ``A~`` [r, K] with Adam steps
+scaled per column by ``g(lambda_i)`` and ``B`` with plain AdamW (:mod:`.gated_adam`). Optional: a
+``gamma`` schedule and periodic re-estimation of ``C_t`` (:mod:`.folora_refresh`). Exports a stock
+PEFT LoRA with ``A = A~ V_K^T``. See docs/methods/folora.md.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from .adapter_export import save_lora_factors_as_peft
+from .base import PRESERVE_STATS, TASK_STATS, Method, MethodOptions
+from .folora_basis import Basis, damped_preserve, gamma_of, gate_values, generalized_basis, quantile_at, resolve_keep, transition
+from .folora_layer import FoloraLinear, attach_disable_adapter, default_init_std, install, plain_linears
+from .folora_refresh import TaskWindow, in_window, mix_estimate
+from .gated_adam import GatedAdamW, unwrap_optimizer
+
+
+def _count_or_fraction(value: int | float | None) -> int | float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or (isinstance(value, int) and value < 1):
+        raise ValueError("a count must be an integer >= 1")
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise ValueError("a fraction must be a float in (0, 1]")
+    return value
+
+
+class FoloraOptions(MethodOptions):
+    name: Literal["folora"] = "folora"
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is (alpha / r) B A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    damping: float = Field(1e-4, gt=0, description="eps = damping * tr(C_p) / n in C_t v = lambda (C_p + eps I) v.")
+    keep: int | float | None = Field(
+        None, description="Spectral directions K per layer input: None all n, an int a count, a float in (0, 1] a fraction of n."
+    )
+    gate: Literal["soft", "hard", "temperature"] = Field(
+        "soft", description="soft: l/(l+gamma); hard: 1 on the top directions, else 0; temperature: sigmoid(log(l/gamma)/T)."
+    )
+    gamma_quantile: float = Field(0.5, ge=0, le=1, description="gamma = this quantile of a layer input's lambda (0.5: median).")
+    gamma_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="constant: gamma_quantile throughout; linear: from gamma_quantile_start to gamma_quantile over training."
+    )
+    gamma_quantile_start: float = Field(0.0, ge=0, le=1, description="Quantile at step 0 of the linear schedule.")
+    hard_k: int | float | None = Field(
+        None, description="hard gate: open exactly the top hard_k directions (int, or float fraction of K); None: lambda >= gamma."
+    )
+    temperature: float = Field(1.0, gt=0, description="temperature gate: T (1 equals the soft gate, towards 0 the hard one).")
+    init_gated: bool = Field(False, description="Scale A~'s random initial columns by their step-0 gate (ours; spec: plain random).")
+    refresh_every: int = Field(0, ge=0, description="Re-estimate C_t, V and lambda every this many steps (0: never).")
+    refresh_window: int = Field(16, ge=1, description="Optimizer steps before each refresh whose task inputs form the estimate.")
+    refresh_mix: float = Field(
+        0.5, gt=0, le=1, description="New C_t = mix * C_window + (1 - mix) * previous C_t (the calibration C_t at first)."
+    )
+
+    _check_keep = field_validator("keep", "hard_k")(_count_or_fraction)
+
+
+class Folora(Method):
+    name = "folora"
+    Options = FoloraOptions
+    needs = frozenset({PRESERVE_STATS, TASK_STATS})
+    is_adapter = True
+
+    def __init__(self, options: FoloraOptions, ctx):
+        super().__init__(options, ctx)
+        self.wrappers: dict[str, FoloraLinear] = {}
+        self.names_by_key: dict[str, list[str]] = {}
+        self.values: dict[str, torch.Tensor] = {}  # lambda per input key, float64 [K]
+        self.gammas: dict[str, float] = {}
+        self.task_covs: dict[str, torch.Tensor] = {}  # refreshed C_t estimates (CPU), when refresh_mix < 1
+        self.window = TaskWindow(ctx.recipe.calibration.task_positions)
+        self.step = 0
+        self.refresh_seconds: list[float] = []
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        model.requires_grad_(False)
+        solved: dict[str, tuple[Basis, float]] = {}
+        for name in self.ctx.target_modules:
+            key = self.ctx.calibration.input_key(name)
+            if key not in solved:
+                solved[key] = self._solve(key, self.ctx.calibration.cov_by_key("task", key))
+                self.values[key] = solved[key][0].values
+            self.names_by_key.setdefault(key, []).append(name)
+            basis, init_std = solved[key]
+            self.wrappers[name] = install(model, name, lambda lin: self._wrap(lin, basis, init_std, key))
+        attach_disable_adapter(model, self.wrappers)
+        if self.ctx.recipe.model.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        self._set_recording()
+        return model
+
+    def _solve(self, key: str, c_t: torch.Tensor) -> tuple[Basis, float]:
+        """The basis of one layer input, and the default init std of ``A~`` for it."""
+        c_p = self.ctx.calibration.cov_by_key("preserve", key).to(self.ctx.device)
+        keep = resolve_keep(self.options.keep, c_p.shape[0])
+        basis = generalized_basis(c_t.to(self.ctx.device), c_p, self.options.damping, keep)
+        return basis, default_init_std(float(torch.trace(c_p)), c_p.shape[0], keep)
+
+    def _wrap(self, linear: nn.Linear, basis: Basis, init_std: float, key: str) -> FoloraLinear:
+        o = self.options
+        wrapper = FoloraLinear(linear, basis.vectors, o.r, o.alpha, o.dropout, init_std)
+        if o.init_gated:
+            with torch.no_grad():
+                wrapper.lora_A_tilde.mul_(self._gate(key).to(wrapper.lora_A_tilde.device))
+        return wrapper
+
+    def build_optimizer(self, model: nn.Module, training) -> torch.optim.Optimizer:
+        groups = self.parameter_groups(model, training.weight_decay)
+        optimizer = GatedAdamW(groups, lr=training.lr, betas=training.adam_betas, eps=training.adam_eps)
+        self._set_gates(optimizer)
+        return optimizer
+
+    # -- gates ----------------------------------------------------------------------------------
+    def _gate(self, key: str) -> torch.Tensor:
+        """``g(lambda)`` of input ``key`` for the next update (float32 [K]); records ``gamma``."""
+        o = self.options
+        q = quantile_at(self.step, self.ctx.recipe.training.max_steps, o.gamma_schedule, o.gamma_quantile_start, o.gamma_quantile)
+        values = self.values[key]
+        self.gammas[key] = gamma_of(values, q)
+        hard_k = resolve_keep(o.hard_k, values.numel()) if o.hard_k is not None else None
+        return gate_values(values, self.gammas[key], o.gate, o.temperature, hard_k)
+
+    def _set_gates(self, optimizer) -> None:
+        optimizer = unwrap_optimizer(optimizer)
+        for key, names in self.names_by_key.items():
+            gate = self._gate(key)
+            for name in names:
+                optimizer.set_gate(self.wrappers[name].lora_A_tilde, gate)
+
+    # -- per step -------------------------------------------------------------------------------
+    def extra_loss(self, model: nn.Module, batch: dict, outputs) -> None:
+        """Adds this micro-batch's task inputs to the refresh window (no loss term)."""
+        first = {key: self.wrappers[names[0]] for key, names in self.names_by_key.items()}
+        inputs = {key: w.last_input for key, w in first.items() if w.last_input is not None}
+        for w in self.wrappers.values():
+            w.last_input = None
+        if inputs:
+            self.window.add_batch(inputs, batch)
+        return None
+
+    def after_step(self, model: nn.Module, optimizer, step: int) -> None:
+        self.step = step
+        every = self.options.refresh_every
+        if every and step % every == 0 and step < self.ctx.recipe.training.max_steps:
+            self.refresh(unwrap_optimizer(optimizer))
+        self._set_gates(optimizer)
+        self._set_recording()
+
+    def _set_recording(self) -> None:
+        on = in_window(self.step + 1, self.options.refresh_every, self.options.refresh_window)
+        for w in self.wrappers.values():
+            w.record_inputs = on
+
+    # -- refresh --------------------------------------------------------------------------------
+    def refresh(self, optimizer: GatedAdamW) -> None:
+        """Re-estimate ``C_t`` from the window, recompute ``V``/``lambda``, move ``A~`` and Adam moments."""
+        start = time.perf_counter()
+        estimates = self.window.estimates()
+        self.window.clear()
+        for key, c_window in estimates.items():
+            previous = self.task_covs.get(key)
+            if previous is None and self.options.refresh_mix < 1:
+                previous = self.ctx.calibration.cov_by_key("task", key)
+            c_t = mix_estimate(c_window, previous, self.options.refresh_mix)
+            if self.options.refresh_mix < 1:
+                self.task_covs[key] = c_t
+            self.rebase(key, c_t, optimizer)
+        self.refresh_seconds.append(time.perf_counter() - start)
+
+    @torch.no_grad()
+    def rebase(self, key: str, c_t: torch.Tensor, optimizer: GatedAdamW) -> None:
+        """New coordinates for input ``key`` from ``c_t``: ``A~ <- A~ T``, moments likewise, ``V <- V_new``."""
+        basis, _ = self._solve(key, c_t)
+        c_p = self.ctx.calibration.cov_by_key("preserve", key).to(self.ctx.device)
+        names = self.names_by_key[key]
+        t = transition(self.wrappers[names[0]].basis, basis.vectors, damped_preserve(c_p, self.options.damping))
+        for name in names:
+            w = self.wrappers[name]
+            w.lora_A_tilde.copy_(w.lora_A_tilde.double() @ t.to(w.lora_A_tilde.device))
+            optimizer.change_coordinates(w.lora_A_tilde, t)
+            w.basis.copy_(basis.vectors)
+        self.values[key] = basis.values
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"step": torch.tensor(self.step, dtype=torch.int64)}
+        for key, names in self.names_by_key.items():
+            state[f"basis/{key}"] = self.wrappers[names[0]].basis
+            state[f"values/{key}"] = self.values[key]
+            state[f"gamma/{key}"] = torch.tensor(self.gammas.get(key, float("nan")), dtype=torch.float64)
+        state.update({f"task_cov/{k}": v for k, v in self.task_covs.items()})
+        state.update(self.window.state_dict())
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.step = int(state["step"])
+        for key, names in self.names_by_key.items():
+            for name in names:
+                self.wrappers[name].basis.copy_(state[f"basis/{key}"])
+            self.values[key] = state[f"values/{key}"].to(self.ctx.device)
+            self.gammas[key] = float(state[f"gamma/{key}"])
+        self.task_covs = {k.partition("/")[2]: v for k, v in state.items() if k.startswith("task_cov/")}
+        self.window.load_state_dict({k: v for k, v in state.items() if k.startswith("window_")}, self.ctx.device)
+        self._set_recording()
+
+    # -- output ---------------------------------------------------------------------------------
+    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{module: (A = A~ V_K^T [r, n], (alpha/r) B [m, r])}``: a scaling-1 LoRA with the same ``dW``."""
+        with torch.no_grad():
+            return {n: (w.lora_A(), w.scaling * w.lora_B) for n, w in self.wrappers.items()}
+
+    def export(self, model: nn.Module, out_dir: Path, tokenizer, merge: bool) -> None:
+        """A stock PEFT adapter in ``out_dir``; with ``merge`` also full weights ``W + dW`` in ``out_dir/merged``."""
+        base_name = getattr(model, "name_or_path", None) or self.ctx.recipe.model.name_or_path
+        save_lora_factors_as_peft(out_dir, model, self.lora_factors(), tokenizer, base_name)
+        if merge:
+            with plain_linears(model, self.wrappers, merge=True):
+                model.save_pretrained(out_dir / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(out_dir / "merged")

@@ -1,0 +1,85 @@
+"""Re-estimating ``C_t`` during FoLoRA training (our interpretation of the spec's ``refresh_every``).
+
+Collection: during the ``refresh_window`` optimizer steps that end at a refresh step, every target
+wrapper keeps its latest training input; ``extra_loss`` (called once per micro-batch with the batch)
+adds ``x x^T`` over the task loss positions to one float32 [n, n] sum per distinct layer input,
+then drops the inputs. Estimate at a refresh:
+
+    C_window = sum x x^T / N  (all micro-batches of the window, summed over processes)
+    C_t <- mix * C_window + (1 - mix) * C_t_previous      (C_t_previous: the calibration C_t at first)
+
+Then ``V`` and ``lambda`` are recomputed and ``A~`` and the Adam moments move into the new
+coordinates with ``T = V_old^T M V_new`` (see :func:`.folora_basis.transition`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..calibration.stats import select_rows, token_mask
+
+
+class TaskWindow:
+    """Per input key: ``sums[key]`` float32 [n, n] = sum x x^T and ``counts[key]`` = tokens, since the last clear."""
+
+    def __init__(self, positions: str):
+        self.positions = positions
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add_batch(self, inputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+        """``inputs``: one layer input [B, T, n] per key, from the forward pass of ``batch``."""
+        mask = token_mask(batch, self.positions)
+        with torch.no_grad(), torch.autocast(mask.device.type, enabled=False):
+            for key, x in inputs.items():
+                rows = select_rows(x, mask.to(x.device))
+                if key not in self.sums:
+                    self.sums[key] = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
+                    self.counts[key] = torch.zeros((), dtype=torch.float64, device=rows.device)
+                self.sums[key].addmm_(rows.T, rows)
+                self.counts[key] += rows.shape[0]
+
+    def estimates(self) -> dict[str, torch.Tensor]:
+        """``{key: C_window}`` (float32 [n, n]) for keys that saw tokens, reduced over processes."""
+        out = {}
+        for key in sorted(self.sums):
+            total, count = self.sums[key], self.counts[key]
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(total)
+                dist.all_reduce(count)
+            if float(count) > 0:
+                out[key] = total / float(count)
+        return out
+
+    def clear(self) -> None:
+        self.sums, self.counts = {}, {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"window_sum/{k}": v for k, v in self.sums.items()}
+        state.update({f"window_count/{k}": v for k, v in self.counts.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        self.clear()
+        for name, value in state.items():
+            kind, _, key = name.partition("/")
+            if kind == "window_sum":
+                self.sums[key] = value.to(device)
+            elif kind == "window_count":
+                self.counts[key] = value.to(device=device, dtype=torch.float64)
+
+
+def in_window(next_step: int, refresh_every: int, window: int) -> bool:
+    """Whether optimizer step ``next_step`` (1-based) is one of the ``window`` steps ending at a refresh."""
+    if refresh_every <= 0:
+        return False
+    return (next_step - 1) % refresh_every >= refresh_every - min(window, refresh_every)
+
+
+def mix_estimate(window: torch.Tensor, previous: torch.Tensor, mix: float) -> torch.Tensor:
+    """``mix * C_window + (1 - mix) * C_previous`` in float32 on the CPU."""
+    window = window.float().cpu()
+    if mix >= 1.0:
+        return window
+    return mix * window + (1.0 - mix) * previous.float().cpu()
