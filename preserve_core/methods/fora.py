@@ -1,0 +1,154 @@
+"""``fora``: function-space orthogonal residual adaptation (METHODS.md, "FORA").
+
+Per target ``W`` [m, n]: ``dW = P_U M P_Q + U_c diag(delta) V_c^T`` with ``P_Q = I - Q Q^T`` (``Q``:
+top eigenvectors of the preserve covariance ``C_p``) and ``P_U = I - U_1 U_1^T`` (``U_1``: top left
+singular vectors of ``W``). ``form: full`` trains ``W`` with a projected AdamW (fora_optim.py);
+``form: lora`` sets ``M = (alpha/r) B A`` (fora_layer.py) and exports a stock PEFT LoRA of rank ``r + s``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..errors import PPFTError
+from .adapter_export import save_lora_factors_as_peft
+from .base import PRESERVE_STATS, Method, MethodOptions
+from .fora_bases import compute_bases, input_eigenbasis
+from .fora_layer import ForaLinear
+from .fora_optim import ProjectedAdamW
+
+BASES = ("q", "u1", "u_c", "v_c")
+
+
+class ForaOptions(MethodOptions):
+    name: Literal["fora"] = "fora"
+    form: Literal["full", "lora"] = Field(
+        "lora", description="lora: M = (alpha/r) B A, exported as a PEFT adapter; full: projected AdamW on W itself."
+    )
+    r: int = Field(8, gt=0, description="LoRA rank (form: lora).")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator: M = (alpha / r) B A (form: lora).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch's input (form: lora).")
+    source: Literal["activation", "weight"] = Field(
+        "activation",
+        description="Q from the top eigenvectors of C_p (activation) or the top right singular vectors of W (weight).",
+    )
+    energy: float = Field(
+        0.95, ge=0, le=1, description="Q: the fewest leading directions holding this fraction of the eigenvalue sum."
+    )
+    rank: int | None = Field(None, ge=0, description="Explicit size k of Q; overrides energy and max_rank.")
+    max_rank: float = Field(0.5, gt=0, description="Cap on k: a fraction of n if < 1, else a count. Ours: 0.5.")
+    u_energy: float = Field(
+        0.5, ge=0, le=1, description="U_1: the fewest top left singular vectors holding this fraction of sum(S^2)."
+    )
+    u_rank: int | None = Field(None, ge=0, description="Explicit r_u; overrides u_energy/u_max_rank. 0 disables P_U.")
+    u_max_rank: float = Field(0.25, gt=0, description="Cap on r_u: a fraction of m if < 1, else a count. Ours: 0.25.")
+    spectral_size: int = Field(
+        8, ge=0, description="s: trainable singular-value shifts delta on s triplets of W (0 disables the channel)."
+    )
+    spectral_which: Literal["top", "tail"] = Field("top", description="Which triplets carry the channel: top or tail.")
+
+
+class Fora(Method):
+    name = "fora"
+    Options = ForaOptions
+    needs = frozenset({PRESERVE_STATS})
+    is_adapter = True  # form: lora (the default); instances with form: full say False
+
+    def __init__(self, options: ForaOptions, ctx):
+        super().__init__(options, ctx)
+        self.is_adapter = options.form == "lora"
+        self.layers: dict[str, ForaLinear] = {}
+        self.anchors: dict[str, torch.Tensor] = {}
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Freeze the model, wrap every target linear; in the full form ``W`` (not its bias) trains."""
+        model.requires_grad_(False)
+        lora = self.options.form == "lora"
+        keep_anchor = not lora and self.ctx.recipe.training.weight_decay > 0
+        eigen_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in self.ctx.target_modules:
+            linear = model.get_submodule(name)
+            bases = compute_bases(linear.weight, self._input_basis(name, eigen_cache), self.options)
+            layer = ForaLinear(linear, bases, self.options.r if lora else 0, self.options.alpha, self.options.dropout)
+            _replace_module(model, name, layer)
+            self.layers[name] = layer
+            if not lora:
+                linear.weight.requires_grad_(True)
+            if keep_anchor:
+                self.anchors[name] = linear.weight.detach().clone()
+        return model
+
+    def _input_basis(self, name: str, cache: dict) -> tuple | None:
+        """Eigenbasis of the layer's ``C_p``, computed once per shared input (None for ``source: weight``)."""
+        if self.options.source == "weight":
+            return None
+        calibration = self.ctx.calibration
+        if calibration is None:
+            raise PPFTError("fora with source: activation needs calibration statistics (C_p); weightproj needs none")
+        key = calibration.input_key(name)
+        if key not in cache:
+            cache[key] = input_eigenbasis(calibration.preserve_cov(name).to(self.ctx.device))
+        return cache[key]
+
+    def build_optimizer(self, model: nn.Module, training) -> torch.optim.Optimizer:
+        if self.options.form == "lora":
+            return super().build_optimizer(model, training)
+        params = [p for p in model.parameters() if p.requires_grad]
+        projectors = {layer.base.weight: (layer.q, layer.u1) for layer in self.layers.values()}
+        anchors = {self.layers[n].base.weight: w0 for n, w0 in self.anchors.items()}
+        return ProjectedAdamW(
+            params, lr=training.lr, betas=training.adam_betas, eps=training.adam_eps,
+            weight_decay=training.weight_decay, projectors=projectors, anchors=anchors,
+        )  # fmt: skip
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every layer's bases (``<module>.q`` / ``.u1`` / ``.u_c`` / ``.v_c``), so resume needs no recomputation."""
+        return {f"{name}.{key}": getattr(layer, key) for name, layer in self.layers.items() for key in BASES}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, layer in self.layers.items():
+            layer.set_bases({key: state[f"{name}.{key}"] for key in BASES})
+
+    # -- output ---------------------------------------------------------------------------------
+    def export(self, model: nn.Module, out_dir: Path, tokenizer, merge: bool) -> None:
+        """LoRA form: a stock PEFT adapter of rank ``r + s`` (merged weights in ``out_dir/merged`` too with ``merge``).
+        Full form: the merged model (channel folded into ``W``) with ``save_pretrained``."""
+        if self.options.form == "full":
+            save_merged(model, self.layers, out_dir, tokenizer)
+            return
+        factors = {name: layer.update_factors() for name, layer in self.layers.items()}
+        save_lora_factors_as_peft(out_dir, model, factors, tokenizer, self.ctx.recipe.model.name_or_path)
+        if merge:
+            save_merged(model, self.layers, out_dir / "merged", tokenizer)
+
+
+def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def save_merged(model: nn.Module, layers: dict[str, ForaLinear], out_dir: Path, tokenizer) -> None:
+    """Save the model with every ``ForaLinear`` replaced by its base linear holding ``W + dW`` (on CPU).
+
+    The model is restored afterwards (same parameter objects), so training state stays valid.
+    """
+    originals = {}
+    try:
+        for name, layer in layers.items():
+            originals[name] = layer.base.weight
+            layer.base.weight = nn.Parameter(layer.merged_weight().cpu(), requires_grad=False)
+            _replace_module(model, name, layer.base)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+    finally:
+        for name, weight in originals.items():
+            layers[name].base.weight = weight
+            _replace_module(model, name, layers[name])

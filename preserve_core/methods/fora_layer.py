@@ -1,0 +1,93 @@
+"""``ForaLinear``: a target ``nn.Linear`` with FORA's LoRA branch and/or spectral channel.
+
+With ``r > 0`` (LoRA form), per forward call (not per token)::
+
+    A' = A - (A Q) Q^T            # [r, n]: reads no protected input direction
+    B' = B - U_1 (U_1^T B)        # [m, r]: writes no dominant output direction
+    y  = W x + (alpha / r) B' (A' dropout(x)) + U_c (delta * (V_c^T x))
+
+With ``r = 0`` (full-rank form) ``W`` itself trains (its projected AdamW keeps the update in the
+protected space) and the layer adds only the channel. The bases are non-persistent float32 buffers
+(the method checkpoints them); ``A``, ``B`` and ``delta`` are float32 parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .fora_bases import ForaBases, project_left, project_right
+
+
+class ForaLinear(nn.Module):
+    def __init__(self, base: nn.Linear, bases: ForaBases, r: int = 0, alpha: float = 1.0, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.r = r
+        self.scale = alpha / r if r else 0.0
+        device = base.weight.device
+        for key, tensor in bases.as_dict().items():
+            self.register_buffer(key, tensor.to(device=device, dtype=torch.float32), persistent=False)
+        m, n = base.weight.shape
+        if r:
+            self.lora_A = nn.Parameter(torch.empty(r, n, device=device))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's LoRA init
+            self.lora_B = nn.Parameter(torch.zeros(m, r, device=device))
+            self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.delta = nn.Parameter(torch.zeros(self.u_c.shape[1], device=device)) if self.u_c.shape[1] else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def set_bases(self, bases: dict[str, torch.Tensor]) -> None:
+        """Replace the bases (e.g. with checkpointed ones); widths must match the trainable shapes."""
+        for key, tensor in bases.items():
+            setattr(self, key, tensor.to(device=self.base.weight.device, dtype=torch.float32))
+        if self.delta is not None and self.u_c.shape[1] != self.delta.numel():
+            raise ValueError(f"checkpointed channel has width {self.u_c.shape[1]}, the layer {self.delta.numel()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.r:
+            a, b = self.branch_factors()
+            y = y + F.linear(F.linear(self.dropout(x).to(a.dtype), a), b).to(y.dtype)
+        if self.delta is not None:
+            y = y + F.linear(F.linear(x.to(self.v_c.dtype), self.v_c.T) * self.delta, self.u_c).to(y.dtype)
+        return y
+
+    def branch_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A' [r, n], (alpha/r) B' [m, r])``: the LoRA branch as ``B A`` with scaling folded in."""
+        return project_right(self.lora_A, self.q), self.scale * project_left(self.lora_B, self.u1)
+
+    def channel_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(V_c^T [s, n], U_c diag(delta) [m, s])``."""
+        return self.v_c.T, self.u_c * self.delta
+
+    def update_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's update over ``W`` as ``(A [r+s, n], B [m, r+s])`` with ``dW = B A``; None if empty.
+
+        LoRA form: ``A = [A'; V_c^T]``, ``B = [(alpha/r) B' | U_c diag(delta)]``. Full form: the channel only.
+        """
+        parts = [self.branch_factors()] if self.r else []
+        if self.delta is not None:
+            parts.append(self.channel_factors())
+        if not parts:
+            return None
+        return torch.cat([a for a, _ in parts], 0).detach(), torch.cat([b for _, b in parts], 1).detach()
+
+    def merged_weight(self) -> torch.Tensor:
+        """``W + dW`` in ``W``'s dtype."""
+        factors = self.update_factors()
+        weight = self.base.weight.detach()
+        if factors is None:
+            return weight.clone()
+        a, b = factors
+        return (weight.float() + b @ a).to(weight.dtype)

@@ -1,0 +1,98 @@
+"""Projected AdamW: FORA's full-rank form trained on ``W`` itself.
+
+Training ``M`` in ``W = W_0 + P_U M P_Q`` with AdamW is exactly, on ``W``::
+
+    G' = P_U G P_Q                              # the gradient with respect to M
+    m  = b1 m + (1 - b1) G';  v = b2 v + (1 - b2) G'^2
+    D  = (lr / (1 - b1^t)) m / (sqrt(v / (1 - b2^t)) + eps)
+    W <- W - lr wd P_U (W - W_0) P_Q            # decoupled decay of M, seen on W (only if wd > 0)
+    W <- W - P_U D P_Q
+
+so the only extra ``[m, n]`` tensors are Adam's two moments (plus ``W_0`` when ``wd > 0``).
+Parameters without a projector (e.g. the spectral channel's ``delta``) get plain AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from .fora_bases import project_left, project_right
+
+
+class ProjectedAdamW(torch.optim.Optimizer):
+    """AdamW where ``projectors[p] = (Q [n, k], U_1 [m, r_u])`` confines ``p``'s update to ``P_U . P_Q``.
+
+    ``anchors[p] = W_0`` is where weight decay pulls a projected ``p`` (required when its group has
+    ``weight_decay > 0``). Neither is part of ``state_dict`` (the method owns and checkpoints them).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        projectors: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        anchors: dict[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        self.projectors = projectors or {}
+        self.anchors = anchors or {}
+        for group in self.param_groups:
+            if group["weight_decay"] > 0:
+                missing = [p for p in group["params"] if p in self.projectors and p not in self.anchors]
+                if missing:
+                    raise ValueError("weight decay on a projected parameter needs its W_0 anchor")
+
+    def project(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``P_U x P_Q`` for a projected ``p``; ``x`` unchanged otherwise."""
+        if p not in self.projectors:
+            return x
+        q, u1 = self.projectors[p]
+        return project_left(project_right(x, q), u1)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        t = float(state["step"])
+        grad = self.project(p, _wide(p.grad)).to(p.dtype)
+        if decay:
+            self._decay(p, lr * decay)
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+        step = _wide(state["exp_avg"]) / _wide(denom) * (lr / (1 - beta1**t))
+        p.sub_(self.project(p, step).to(p.dtype))
+
+    def _decay(self, p: torch.Tensor, amount: float) -> None:
+        """``p <- p - amount P_U (p - W_0) P_Q`` if projected, else plain ``p <- (1 - amount) p``."""
+        if p in self.projectors:
+            p.sub_((amount * self.project(p, _wide(p) - _wide(self.anchors[p]))).to(p.dtype))
+        else:
+            p.mul_(1 - amount)
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least float32 (projections of bf16/fp16 tensors run in float32)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()

@@ -1,0 +1,218 @@
+"""FORA and weightproj: rank selection, the projected AdamW, the constraints after training, exports, resume."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import reverse_examples, write_jsonl
+from preserve_core.checkpoint import list_checkpoints
+from preserve_core.methods.fora_layer import ForaLinear
+from preserve_core.methods.fora_bases import project_left, project_right, select_rank
+from preserve_core.methods.fora_optim import ProjectedAdamW
+from preserve_core.recipe import load_recipe
+from preserve_core.training import train
+
+IDS = torch.tensor([[1, 21, 8, 25, 43, 4, 5, 41]])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def calibration_settings(tmp_path_factory) -> dict:
+    """Preserve statistics from a small text file, shared by every fora run of this module (computed once)."""
+    root = tmp_path_factory.mktemp("fora-cal")
+    rows = [{"text": r["prompt"] + r["completion"]} for r in reverse_examples(32, seed=5)]
+    texts = write_jsonl(root / "preserve.jsonl", rows)
+    return {"preserve_source": "dataset", "preserve_data": str(texts), "num_samples": 32, "stats_batch_size": 16,
+            "max_task_examples": 16, "dir": str(root / "calibration")}  # fmt: skip
+
+
+def run(path, resume=False):
+    return train(load_recipe(path), resume=resume, show_progress=False)
+
+
+def fora_recipe(write_recipe, calibration_settings, name, method, **training):
+    method = {"name": "fora", "energy": 0.9, "u_rank": 4, "spectral_size": 2, **method}
+    common = {"max_steps": 6, "lr": 2e-2, "schedule": "constant", **training}
+    return write_recipe(name, method=method, training=common, calibration=calibration_settings)
+
+
+def logits(model, ids=IDS):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# ---------------------------------------------------------------------------------------------
+# rank selection and the optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rank_selection_by_energy_count_and_cap():
+    values = torch.tensor([5.0, 3.0, 1.0, 0.5, 0.5])  # sum 10: cumulative 0.5, 0.8, 0.9, 0.95, 1.0
+    assert select_rank(values, 0.8, None, 100) == 2
+    assert select_rank(values, 0.81, None, 100) == 3
+    assert select_rank(values, 0.95, None, 100) == 4
+    assert select_rank(values, 1.0, None, 5) == 5
+    assert select_rank(values, 0.95, None, 0.5) == 2  # fraction cap: floor(0.5 * 5)
+    assert select_rank(values, 0.95, None, 3) == 3  # count cap
+    assert select_rank(values, 0.95, None, 1.0) == 1  # 1.0 is a count, not a fraction
+    assert select_rank(values, 0.5, 4, 0.2) == 4  # explicit count overrides energy and cap
+    assert select_rank(values, 0.0, None, 100) == 0
+    assert select_rank(values, 0.9, 0, 100) == 0
+
+
+def _orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64))[0]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_projected_adamw_equals_adam_on_m(weight_decay):
+    """On ``W = W_0 + P_U M P_Q``, AdamW on ``M`` and the projected AdamW on ``W`` take the same path."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        m, n, steps = 7, 6, 6
+        g = torch.Generator().manual_seed(0)
+        w0, x, y = torch.randn(m, n, generator=g), torch.randn(n, 10, generator=g), torch.randn(m, 10, generator=g)
+        q, u1 = _orthonormal(n, 2, 1), _orthonormal(m, 3, 2)
+
+        def loss(w):
+            return ((w @ x - y) ** 2).sum() + (w**3).sum()
+
+        def projected(w):
+            anchor = {w: w0.clone()}
+            return ProjectedAdamW([w], lr=0.05, weight_decay=weight_decay, projectors={w: (q, u1)}, anchors=anchor)
+
+        big_m = torch.zeros(m, n, requires_grad=True)
+        reference = torch.optim.AdamW([big_m], lr=0.05, weight_decay=weight_decay)
+        w = torch.nn.Parameter(w0.clone())
+        ours = projected(w)
+        for step in range(steps):
+            reference.zero_grad()
+            loss(w0 + project_left(project_right(big_m, q), u1)).backward()
+            reference.step()
+            ours.zero_grad()
+            loss(w).backward()
+            ours.step()
+            if step == 2:  # a state_dict round trip mid-way changes nothing
+                saved = ours.state_dict()
+                ours = projected(w)
+                ours.load_state_dict(saved)
+        expected = w0 + project_left(project_right(big_m.detach(), q), u1)
+        assert (w.detach() - w0).norm() > 0.1
+        torch.testing.assert_close(w.detach(), expected, atol=1e-12, rtol=1e-10)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# training with real calibration statistics
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["lora", "full"])
+def test_update_obeys_both_projections(form, write_recipe, calibration_settings, tiny_model_dir):
+    """After training: ``(dW - channel) Q = 0`` and ``U_1^T (dW - channel) = 0``; ``Q`` spans C_p's top eigenvectors."""
+    result = run(fora_recipe(write_recipe, calibration_settings, f"constraints-{form}", {"form": form}))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    method_layers = {name: result.model.get_submodule(name) for name in _targets(result)}
+    cal_cov = _preserve_covs(calibration_settings["dir"], method_layers)
+    for name, layer in method_layers.items():
+        d_w = layer.merged_weight() - base.get_submodule(name).weight.detach()
+        v_t, u_delta = layer.channel_factors()
+        branch = d_w - u_delta.detach() @ v_t
+        assert branch.norm() > 1e-3 and layer.delta.abs().max() > 0, f"{name}: training did not move it"
+        assert (branch @ layer.q).norm() / d_w.norm() < 1e-5, name
+        assert (layer.u1.T @ branch).norm() / d_w.norm() < 1e-5, name
+        assert layer.u1.shape[1] == 4
+        cov = cal_cov[name].double()
+        top = torch.linalg.eigvalsh(cov).flip(0)
+        k = layer.q.shape[1]
+        assert k == select_rank(top.clamp_min(0), 0.9, None, 0.5)
+        captured = torch.trace(layer.q.double().T @ cov @ layer.q.double())
+        torch.testing.assert_close(captured, top[:k].sum(), rtol=1e-5, atol=1e-6)
+
+
+def _targets(result) -> list[str]:
+    return [name for name, module in result.model.named_modules() if isinstance(module, ForaLinear)]
+
+
+def _preserve_covs(directory, names) -> dict[str, torch.Tensor]:
+    from preserve_core.calibration.store import Calibration, read_manifest
+
+    cal = Calibration(directory, read_manifest(directory))
+    return {name: cal.preserve_cov(name) for name in names}
+
+
+def test_lora_form_exports_loadable_adapter_and_merged_model(write_recipe, calibration_settings, tiny_model_dir):
+    recipe = fora_recipe(write_recipe, calibration_settings, "export-lora", {"r": 4, "alpha": 8}, max_steps=4)
+    result = train(load_recipe(recipe, ["output.merge=true"]), show_progress=False)
+    expected = logits(result.model)
+    before = logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    assert not torch.allclose(before, expected, atol=1e-4), "training changed nothing"
+    adapter = load_file(result.final_dir / "adapter_model.safetensors")
+    assert {t.shape[0] for k, t in adapter.items() if "lora_A" in k} == {4 + 2}  # rank r + s
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.final_dir)
+    torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=1e-5)
+    merged = AutoModelForCausalLM.from_pretrained(result.final_dir / "merged")
+    torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_full_form_exports_merged_model(write_recipe, calibration_settings, tiny_model_dir):
+    method = {"form": "full"}
+    recipe = fora_recipe(write_recipe, calibration_settings, "export-full", method, max_steps=4, weight_decay=0.1)
+    result = run(recipe)
+    expected = logits(result.model)
+    assert not torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir)), expected, atol=1e-4)
+    reloaded = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    torch.testing.assert_close(logits(reloaded), expected, atol=1e-5, rtol=1e-5)
+    trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".base.weight") or n.endswith(".delta") for n in trainable)
+
+
+@pytest.mark.parametrize("method", [{"name": "fora", "dropout": 0.1}, {"name": "weightproj", "form": "full"}])
+def test_resume_is_exact(method, write_recipe, calibration_settings):
+    """5 steps, stop, resume for 5 more == 10 straight (LoRA form with dropout; full form with weight decay)."""
+    label = method["name"]
+    common = {"max_steps": 10, "save_every": 5, "keep_last": 5, "warmup_steps": 2, "grad_accum": 2}
+    common["weight_decay"] = 0.05
+    straight = run(fora_recipe(write_recipe, calibration_settings, f"straight-{label}", method, **common))
+    interrupted = fora_recipe(write_recipe, calibration_settings, f"resumed-{label}", method, **common)
+    first = run(interrupted)
+    shutil.rmtree(first.run_dir / "final")
+    shutil.rmtree(list_checkpoints(first.run_dir)[-1])
+    assert list_checkpoints(first.run_dir)[-1].name == "checkpoint-000005"
+    assert (list_checkpoints(first.run_dir)[-1] / "method.safetensors").exists()
+    resumed = run(interrupted, resume=True)
+    torch.testing.assert_close(logits(resumed.model), logits(straight.model), atol=1e-6, rtol=0)
+    a, b = (load_file(next(r.final_dir.glob("*.safetensors"))) for r in (straight, resumed))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_weightproj_needs_no_calibration_and_protects_weight_directions(write_recipe, tiny_model_dir):
+    result = run(write_recipe("weightproj", method={"name": "weightproj", "rank": 3, "u_rank": 0, "spectral_size": 0},
+                              training={"max_steps": 3, "lr": 2e-2}))  # fmt: skip
+    assert not (result.run_dir / "calibration").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    for name in _targets(result):
+        layer = result.model.get_submodule(name)
+        w0 = base.get_submodule(name).weight.detach()
+        top_right = torch.linalg.svd(w0.double())[2][:3].T.float()
+        torch.testing.assert_close(layer.q @ layer.q.T, top_right @ top_right.T, atol=1e-5, rtol=0)
+        d_w = layer.merged_weight() - w0
+        assert d_w.norm() > 1e-4 and (d_w @ top_right).norm() / d_w.norm() < 1e-5
