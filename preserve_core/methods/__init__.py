@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from .base import Method, MethodContext, MethodOptions
 from .ewc import Ewc
+from .fora import Fora
 from .full import FullFineTune
 from .kl import Kl
 from .l2sp import L2sp
 from .lora import Lora
+from .weightproj import WeightProj
 from .replay import Replay
 
 METHODS: dict[str, type[Method]] = {
     "full": FullFineTune,
     "lora": Lora,
+    "fora": Fora,
+    "weightproj": WeightProj,
     "replay": Replay,
     "l2sp": L2sp,
     "ewc": Ewc,
