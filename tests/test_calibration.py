@@ -24,6 +24,7 @@ from preserve_core.calibration import (
 )
 from preserve_core.calibration.layout import discover_layout, group_key
 from preserve_core.calibration.sampling import degenerate_reason, sample_preserve_texts
+from preserve_core.calibration.stats import add_gram_upper, fill_lower
 from preserve_core.errors import PPFTError, RecipeError
 from preserve_core.methods import METHODS
 from preserve_core.methods.lora import Lora
@@ -51,6 +52,17 @@ def model_and_tokenizer(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def wide_model():
+    """One layer of width 128 / MLP 320: wide enough for the blocked Gram update."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=44, hidden_size=128, intermediate_size=320, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
 
 
 def padded_batch() -> dict[str, torch.Tensor]:
@@ -96,8 +108,9 @@ def test_token_mask_positions():
 
 
 @pytest.mark.parametrize("positions", ["all", "loss"])
-def test_stats_equal_float64_reference(model_and_tokenizer, positions):
-    model, _ = model_and_tokenizer
+@pytest.mark.parametrize("which", ["tiny", "wide"])
+def test_stats_equal_float64_reference(model_and_tokenizer, wide_model, positions, which):
+    model = model_and_tokenizer[0] if which == "tiny" else wide_model
     names = resolve_target_modules(model, None)
     batch = padded_batch()
     inputs = captured_inputs(model, names, batch)
@@ -143,6 +156,17 @@ def test_padding_does_not_change_stats_and_lm_head_is_skipped(model_and_tokenize
         torch.testing.assert_close(together[name][0], separate[name][0], rtol=1e-5, atol=1e-6)
         assert together[name][1] == separate[name][1]
     assert len(head_calls) == 1  # the probe pass only: the statistics pass stops after the last target
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 4])
+def test_blocked_upper_gram_equals_full_product(blocks):
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n_rows, 203, generator=g) for n_rows in (50, 17)]  # width not divisible by blocks
+    acc = torch.zeros(203, 203)
+    for x in chunks:
+        add_gram_upper(acc, x, blocks)
+    full = torch.cat(chunks).double()
+    torch.testing.assert_close(fill_lower(acc).double(), full.T @ full, rtol=1e-5, atol=1e-4)
 
 
 def test_group_key_and_effective_ranks():

@@ -374,6 +374,12 @@ def test_base_results_are_cached_across_checkpoints(recipe_path, base_dir, other
     assert all(t.base_cached for t in second.tasks if t.kind != "kl_to_base")
     assert [t.base for t in first.tasks] == [t.base for t in second.tasks]
     assert list((recipe_path.parent / "run" / "eval" / "cache").glob("*.json"))
+    monkeypatch.setenv("PPFT_HOME", str(recipe_path.parent / "home"))  # a shared cache, empty so far
+    run_eval(recipe, checkpoint=other_dir)
+    assert (
+        evaluated[3] == ["new", "keep", "ppl"]
+        and len(list((recipe_path.parent / "home" / "eval_cache").glob("*.json"))) == 3
+    )
 
 
 def test_adapter_checkpoint_is_loaded_on_the_base(recipe_path, model, tok, tmp_path):

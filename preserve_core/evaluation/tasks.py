@@ -156,7 +156,7 @@ def run_perplexity(model, tokenizer, task: EvalTask, batch_size: int, base_model
     if n == 0:
         raise RecipeError(f"eval task '{task.name}': no tokens to score")
     mean = float(nll.mean())
-    ppl = math.exp(mean)
+    ppl = math.exp(mean) if mean < 700 else math.inf
     stderr = ppl * float(nll.std()) / math.sqrt(n) if n > 1 else 0.0
     return TaskResult(
         task.name, task.kind, "perplexity", ppl, n, stderr, higher_is_better=False, unit="ratio", extra={"nll": mean}
