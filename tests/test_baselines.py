@@ -22,8 +22,19 @@ PRESERVE_TEXTS = [f"the {w} is {c} and {n} = {n}" for w, c, n in zip("abcdefghij
 SMALL_CALIBRATION = {"num_samples": 12, "max_new_tokens": 12, "batch_size": 12, "stats_batch_size": 8, "fisher_samples": 8}
 
 
-def fake_calibration(extras: dict | None = None):
-    return SimpleNamespace(preserve_texts=PRESERVE_TEXTS, extra=lambda key: extras[key])
+def random_cov(n: int, seed: int) -> torch.Tensor:
+    x = torch.randn(4 * n, n, generator=torch.Generator().manual_seed(seed)) * torch.linspace(0.1, 2, n)
+    return x.T @ x / (4 * n)
+
+
+def fake_calibration(model: nn.Module, extras: dict | None = None):
+    """Preserve texts, method extras, and a random full-rank C_p (seeded by layer width)."""
+
+    def preserve_cov(name: str) -> torch.Tensor:
+        width = model.get_submodule(name).in_features
+        return random_cov(width, width)
+
+    return SimpleNamespace(preserve_texts=PRESERVE_TEXTS, extra=lambda key: extras[key], preserve_cov=preserve_cov)
 
 
 def make_method(path, extras: dict | None = None):
@@ -34,7 +45,7 @@ def make_method(path, extras: dict | None = None):
     if extras is None and cls.calibrate_extra.__func__ is not METHODS["full"].calibrate_extra.__func__:
         extras = {cls.name: cls.calibrate_extra(model.eval(), tokenizer, PRESERVE_TEXTS, recipe)}
     targets = resolve_target_modules(model, recipe.model.target_modules)
-    ctx = MethodContext(recipe, tokenizer, targets, torch.device("cpu"), calibration=fake_calibration(extras))
+    ctx = MethodContext(recipe, tokenizer, targets, torch.device("cpu"), calibration=fake_calibration(model, extras))
     method = cls(recipe.method, ctx)
     return method, method.prepare_model(model), recipe
 
@@ -62,8 +73,8 @@ def test_l2sp_penalty_matches_definition(write_recipe):
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(0.01 * torch.randn_like(p))
-        expected = 0.15 * sum(float((d**2).sum()) for d in method.weight_deltas().values())
-        assert float(method.penalty()) == pytest.approx(expected, rel=1e-5) and expected > 0
+        expected = 0.15 * sum(float((d.detach() ** 2).sum()) for d in method.weight_deltas().values())
+        assert float(method.penalty().detach()) == pytest.approx(expected, rel=1e-5) and expected > 0
 
 
 def test_lora_delta_norm_uses_gram_matrices():
@@ -119,3 +130,88 @@ def test_kl_is_zero_at_step_zero_and_grows_after_a_change(write_recipe, form, re
                 p.add_(0.2 * torch.randn_like(p))
     assert float(method.extra_loss(model, {}, None)) > 1e-4
     assert int(method.state_dict()["preserve_draws"]) == 2
+
+
+def run(path, resume=False):
+    return train(load_recipe(path), resume=resume, show_progress=False)
+
+
+def calibrated_recipe(write_recipe, tmp_path, name: str, method: dict, **training):
+    """A recipe sharing one small calibration folder (sampled once, extras added per method)."""
+    calibration = {**SMALL_CALIBRATION, "dir": str(tmp_path / "calibration")}
+    return write_recipe(name, method=method, calibration=calibration, training={"max_steps": 4, "lr": 1e-2, **training})
+
+
+def test_each_baseline_trains_and_exports_through_the_engine(write_recipe, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    methods = [
+        {"name": "replay", "rho": 0.3},
+        {"name": "l2sp", "strength": 0.1},
+        {"name": "ewc", "form": "lora", "r": 4, "alpha": 8},
+        {"name": "kl", "reference": "cached", "form": "lora", "r": 4, "alpha": 8},
+        {"name": "kl", "form": "full", "preserve_batch_size": 4},
+        {"name": "pissa", "r": 2, "alpha": 4},
+        {"name": "milora", "r": 2, "alpha": 4},
+        {"name": "corda_kpm", "r": 2, "alpha": 4},
+    ]
+    ids = torch.tensor([[1, 21, 8, 25, 43, 4, 5, 41]])
+    for i, method in enumerate(methods):
+        result = run(calibrated_recipe(write_recipe, tmp_path, f"{method['name']}-{i}", method))
+        losses = [m["loss"] for m in result.metrics if "loss" in m]
+        assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))), (method, losses)
+        base = AutoModelForCausalLM.from_pretrained(load_recipe(write_recipe()).model.name_or_path).eval()
+        if method.get("form") == "lora" or method["name"] in ("pissa", "milora", "corda_kpm"):
+            exported = PeftModel.from_pretrained(base, result.final_dir).eval()
+        else:
+            exported = AutoModelForCausalLM.from_pretrained(result.final_dir).eval()
+        result.model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(exported(input_ids=ids).logits, result.model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_kl_resume_is_exact(write_recipe, tmp_path):
+    import shutil
+
+    from preserve_core.checkpoint import list_checkpoints
+
+    method = {"name": "kl", "form": "lora", "r": 2, "alpha": 4, "strength": 5.0, "preserve_batch_size": 5}
+    common = {"max_steps": 6, "save_every": 3, "keep_last": 5, "grad_accum": 2}
+    straight = run(calibrated_recipe(write_recipe, tmp_path, "kl-straight", method, **common))
+    path = calibrated_recipe(write_recipe, tmp_path, "kl-resumed", method, **common)
+    first = run(path)
+    shutil.rmtree(first.run_dir / "final")
+    shutil.rmtree(list_checkpoints(first.run_dir)[-1])
+    run(path, resume=True)
+    from safetensors.torch import load_file
+
+    a = load_file(straight.run_dir / "final" / "adapter_model.safetensors")
+    b = load_file(first.run_dir / "final" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["pissa", "milora", "corda_kpm"])
+def test_residual_inits_keep_the_output_and_fill_the_adapter(write_recipe, name):
+    recipe_path = write_recipe(name, method={"name": name, "r": 2, "alpha": 4})
+    ids = torch.tensor([[1, 21, 8, 25, 43, 4, 5, 41]])
+    base = load_model(load_recipe(recipe_path).model, "cpu").eval()
+    method, model, _ = make_method(recipe_path)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    layer_name, layer = next(iter(method.lora_layers.items()))
+    w = base.get_submodule(layer_name).weight.detach()
+    moved = lora_delta(layer).detach()
+    assert float(moved.norm()) > 0
+    torch.testing.assert_close(layer.get_base_layer().weight + moved, w, atol=1e-5, rtol=1e-5)
+    singular = torch.linalg.svdvals(w)
+    if name in ("pissa", "milora"):  # the moved part is W's top (pissa) or bottom (milora) 2 singular triplets
+        expected = singular[:2] if name == "pissa" else singular[-2:]
+        torch.testing.assert_close(torch.linalg.svdvals(moved)[:2], expected, atol=1e-4, rtol=1e-4)
+    else:  # in C-whitened coordinates the moved part is the bottom 2 singular triplets of W C
+        c = method.ctx.calibration.preserve_cov(layer_name)
+        c = c + 0.01 * c.diagonal().mean() * torch.eye(c.shape[0])
+        expected = torch.linalg.svdvals(w @ c)[-2:]
+        torch.testing.assert_close(torch.linalg.svdvals(moved @ c)[:2], expected, atol=1e-4, rtol=1e-3)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from .base import Method, MethodContext, MethodOptions
+from .corda_kpm import CordaKpm
 from .ewc import Ewc
 from .fora import Fora
 from .full import FullFineTune
 from .kl import Kl
 from .l2sp import L2sp
 from .lora import Lora
+from .milora import Milora
+from .pissa import Pissa
 from .weightproj import WeightProj
 from .replay import Replay
 
@@ -21,6 +24,9 @@ METHODS: dict[str, type[Method]] = {
     "l2sp": L2sp,
     "ewc": Ewc,
     "kl": Kl,
+    "pissa": Pissa,
+    "milora": Milora,
+    "corda_kpm": CordaKpm,
 }
 
 
