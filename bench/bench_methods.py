@@ -24,8 +24,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-FULL_WEIGHT = {"full", "l2sp", "ewc", "replay", "kl"}  # default base: full; the rest are adapters
-
 
 def method_sections() -> dict[str, dict]:
     """One representative configuration per registered method (rank 8 where there is a rank)."""
@@ -39,9 +37,21 @@ def method_sections() -> dict[str, dict]:
             if key in fields:
                 section[key] = 8
         sections[name] = section
-    if "fora" in sections:
-        sections["fora_full"] = {"name": "fora", "form": "full"}
+    for name in ("fora", "weightproj"):
+        if name in sections:
+            sections[f"{name}_full"] = {"name": name, "form": "full"}
     return sections
+
+
+def reference_for(section: dict) -> str:
+    """``full`` for methods that train the weights themselves (a ``form: full`` or a non-adapter), else ``lora``."""
+    from preserve_core.methods import METHODS
+
+    cls = METHODS[section["name"]]
+    form_field = cls.Options.model_fields.get("form")
+    form = section.get("form", form_field.default if form_field is not None else None)
+    full_weight = form == "full" if form is not None else not cls.is_adapter
+    return "full" if full_weight else "lora"
 
 
 def child(recipe_path: str) -> None:
@@ -90,15 +100,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--only", help="Comma-separated labels to run (default: every method), e.g. lora,full,fora")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child)
     results = {}
+    sections = method_sections()
+    if args.only:
+        sections = {label: s for label, s in sections.items() if label in args.only.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, data = write_fixture(root, args.hidden, args.layers, rows=args.batch * args.steps)
-        for label, section in method_sections().items():
+        for label, section in sections.items():
             path = recipe_for(root, model, data, label, section, args.steps, args.batch)
             proc = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True, cwd=REPO)
             if proc.returncode != 0:
@@ -109,11 +123,12 @@ def main() -> None:
     for label, r in results.items():
         if "error" in r:
             continue
-        ref = "full" if label in FULL_WEIGHT or label == "fora_full" else "lora"
+        ref = reference_for(sections[label])
         if ref in results and "error" not in results[ref]:
             r["reference"] = ref
             r["step_time_ratio"] = r["step_seconds_median"] / results[ref]["step_seconds_median"]
-    out = {"benchmark": "method_step_time", "settings": {k: v for k, v in vars(args).items() if k != "child"}, "methods": results}
+    settings = {k: v for k, v in vars(args).items() if k != "child"}
+    out = {"benchmark": "method_step_time", "settings": settings, "methods": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str))
     print(json.dumps(out, indent=2, default=str))
