@@ -1,0 +1,259 @@
+"""FoLoRA: the generalized eigenbasis, gated Adam, the forgetting/learning trade-off, resume, export, refresh."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from preserve_core.checkpoint import list_checkpoints
+from preserve_core.methods.folora import Folora
+from preserve_core.methods.folora_basis import damped_preserve, gamma_of, gate_values, generalized_basis, resolve_keep
+from preserve_core.methods.folora_layer import FoloraLinear, default_init_std
+from preserve_core.methods.gated_adam import GatedAdamW
+from preserve_core.recipe import load_recipe
+from preserve_core.training import train
+
+FAST_CALIBRATION = {"num_samples": 8, "batch_size": 4, "max_new_tokens": 10, "min_new_tokens": 1, "stats_batch_size": 8}
+
+
+def covariances(n: int = 16, seed: int = 0, samples: int = 512):
+    """Preserve inputs concentrated on 8 of 16 directions, task inputs mostly on the other 8 (rotated)."""
+    g = torch.Generator().manual_seed(seed)
+    rot = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0].float()
+    half = n // 2
+    scale_p = torch.cat([torch.ones(half), torch.full((n - half,), 0.01)]).sqrt()
+    scale_t = torch.cat([torch.full((half,), 0.2), torch.ones(n - half)]).sqrt()
+    x_p = (torch.randn(samples, n, generator=g) * scale_p) @ rot.T
+    x_t = (torch.randn(samples, n, generator=g) * scale_t) @ rot.T
+    return x_p, x_t, x_p.T @ x_p / samples, x_t.T @ x_t / samples
+
+
+def test_basis_solves_the_generalized_problem():
+    _, _, c_p, c_t = covariances()
+    m = damped_preserve(c_p, 1e-4)
+    basis = generalized_basis(c_t, c_p, 1e-4, keep=16)
+    v, lam = basis.vectors, basis.values
+    torch.testing.assert_close(v.T @ m @ v, torch.eye(16, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(c_t.double() @ v, m @ v @ torch.diag(lam), atol=1e-9, rtol=0)
+    assert torch.all(lam[:-1] >= lam[1:]) and lam[0] > 10 * lam[-1]
+    top = generalized_basis(c_t, c_p, 1e-4, keep=resolve_keep(0.25, 16))
+    assert top.vectors.shape == (16, 4)
+    torch.testing.assert_close(top.values, lam[:4])
+
+
+def test_gates():
+    lam = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.0])
+    gamma = gamma_of(lam, 0.5)
+    assert gamma == 2.0
+    soft = gate_values(lam, gamma, "soft")
+    torch.testing.assert_close(soft, torch.tensor([0.8, 2 / 3, 0.5, 1 / 3, 0.0]))
+    torch.testing.assert_close(gate_values(lam, gamma, "temperature", temperature=1.0), soft)
+    sharp = gate_values(lam, gamma, "temperature", temperature=0.05)
+    assert torch.all(sharp[:2] > 0.99) and torch.all(sharp[3:] < 0.01)
+    assert gate_values(lam, gamma, "hard").tolist() == [1, 1, 1, 0, 0]
+    assert gate_values(lam, gamma, "hard", hard_k=2).tolist() == [1, 1, 0, 0, 0]
+
+
+def test_gated_adam_is_adamw_without_gates_and_freezes_closed_columns():
+    torch.manual_seed(0)
+    p = torch.randn(3, 5, requires_grad=True)
+    q = p.detach().clone().requires_grad_(True)
+    gated = GatedAdamW([p], lr=0.1, weight_decay=0.01)
+    plain = torch.optim.AdamW([q], lr=0.1, weight_decay=0.01)
+    for _ in range(5):
+        grad = torch.randn(3, 5)
+        p.grad, q.grad = grad.clone(), grad.clone()
+        gated.step()
+        plain.step()
+    torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+    before = p.detach().clone()
+    gated.set_gate(p, torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0]))
+    for _ in range(3):
+        p.grad = torch.randn(3, 5)
+        gated.step()
+    moved = (p.detach() - before).abs().sum(0)
+    assert moved[1] == 0 and moved[3] == 0 and torch.all(moved[[0, 2, 4]] > 0)
+
+
+def train_toy(quantile: float, gate: str, init_gated: bool, steps: int = 200):
+    """Fit ``y = (W0 + D) x`` on task inputs with a FoLoRA layer; returns (initial loss, final loss, penalty)."""
+    x_p, x_t, c_p, c_t = covariances()
+    g = torch.Generator().manual_seed(1)
+    base = nn.Linear(16, 8, bias=False).requires_grad_(False)
+    base.weight.copy_(torch.randn(8, 16, generator=g))
+    y_t = x_t @ (base.weight + torch.randn(8, 16, generator=g)).T
+    basis = generalized_basis(c_t, c_p, 1e-4, keep=16)
+    torch.manual_seed(0)
+    layer = FoloraLinear(base, basis.vectors, 4, 8.0, 0.0, default_init_std(float(torch.trace(c_p)), 16, 16))
+    gates = gate_values(basis.values, gamma_of(basis.values, quantile), gate)
+    if init_gated:
+        layer.lora_A_tilde.data.mul_(gates)
+    optimizer = GatedAdamW([layer.lora_A_tilde, layer.lora_B], lr=1e-2)
+    optimizer.set_gate(layer.lora_A_tilde, gates)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = ((layer(x_t) - y_t) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    dw = layer.delta_weight().detach()
+    return losses[0], losses[-1], float(torch.trace(dw @ c_p @ dw.T))
+
+
+def test_penalty_falls_as_the_gate_tightens_while_the_task_is_learned():
+    loose, medium = train_toy(0.0, "soft", False), train_toy(0.5, "soft", False)
+    assert medium[2] < 0.2 * loose[2], (loose, medium)
+    runs = [train_toy(q, "hard", True) for q in (0.0, 0.25, 0.5, 0.75)]
+    penalties = [r[2] for r in runs]
+    assert all(a > b for a, b in zip(penalties, penalties[1:], strict=False)), runs
+    assert all(final < 0.6 * first for first, final, _ in runs + [loose, medium]), runs
+
+
+def test_closed_directions_never_change_a():
+    """With gates 0 outside S, ``A - A0 = (A~ - A~0) V^T`` and only the columns in S of ``A~`` move."""
+    _, x_t, c_p, c_t = covariances()
+    basis = generalized_basis(c_t, c_p, 1e-4, keep=16)
+    layer = FoloraLinear(nn.Linear(16, 8, bias=False).requires_grad_(False), basis.vectors, 4, 8.0, 0.0, 0.1)
+    a0 = layer.lora_A().detach().clone()
+    optimizer = GatedAdamW([layer.lora_A_tilde, layer.lora_B], lr=1e-2)
+    optimizer.set_gate(layer.lora_A_tilde, gate_values(basis.values, 0.0, "hard", hard_k=5))
+    for _ in range(20):
+        optimizer.zero_grad()
+        (layer(x_t) ** 2).mean().neg().backward()
+        optimizer.step()
+    coords = (layer.lora_A().detach() - a0).double() @ damped_preserve(c_p, 1e-4) @ basis.vectors  # = A~ - A~0
+    assert coords[:, :5].abs().max() > 1e-3
+    assert coords[:, 5:].abs().max() < 1e-5
+
+
+# -- engine level -------------------------------------------------------------------------------
+
+
+def run(path, *overrides, resume=False):
+    return train(load_recipe(path, list(overrides)), resume=resume, show_progress=False)
+
+
+def folora_recipe(write_recipe, name: str, method: dict | None = None, **sections):
+    method = {"name": "folora", "r": 4, "alpha": 8, **(method or {})}
+    return write_recipe(name, method=method, calibration=FAST_CALIBRATION, **sections)
+
+
+def test_resume_is_exact_with_schedule_and_refresh(write_recipe):
+    method = {"gamma_schedule": "linear", "gamma_quantile_start": 0.1, "refresh_every": 3, "refresh_window": 2}
+    common = {"max_steps": 8, "save_every": 4, "keep_last": 5, "lr": 2e-2, "warmup_steps": 2, "grad_accum": 2}
+    straight = run(folora_recipe(write_recipe, "straight", method, training=common))
+    interrupted = folora_recipe(write_recipe, "resumed", method, training=common)
+    first = run(interrupted)
+    shutil.rmtree(first.run_dir / "final")
+    shutil.rmtree(list_checkpoints(first.run_dir)[-1])
+    assert list_checkpoints(first.run_dir)[-1].name == "checkpoint-000004"
+    assert load_file(list_checkpoints(first.run_dir)[-1] / "method.safetensors").keys() >= {"step"}
+    run(interrupted, resume=True)
+    a = load_file(straight.run_dir / "final" / "adapter_model.safetensors")
+    b = load_file(first.run_dir / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_export_reproduces_logits_with_stock_peft_and_merged(write_recipe, tiny_model_dir):
+    result = run(folora_recipe(write_recipe, "export", training={"max_steps": 6, "lr": 5e-2}, output={"merge": True}))
+    ids = torch.tensor([[1, 21, 8, 25, 43, 4, 5, 41]])
+    result.model.eval()
+    with torch.no_grad():
+        expected = result.model(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        before = base(input_ids=ids).logits
+        got = PeftModel.from_pretrained(base, result.final_dir).eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(result.final_dir / "merged").eval()(input_ids=ids).logits
+        with result.model.disable_adapter():
+            torch.testing.assert_close(result.model(input_ids=ids).logits, before, atol=1e-6, rtol=0)
+    assert not torch.allclose(before, expected, atol=1e-4), "training changed nothing"
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_refresh_with_unchanged_task_statistics_is_a_no_op(write_recipe, monkeypatch):
+    """A refresh from the calibration's own C_t gives the same V: the trajectory equals the run without refresh."""
+    common = {"max_steps": 6, "lr": 2e-2, "schedule": "constant"}
+    plain = run(folora_recipe(write_recipe, "plain", training=common))
+    refreshed_keys = []
+
+    def refresh_from_calibration(self, optimizer):
+        for key in self.names_by_key:
+            self.rebase(key, self.ctx.calibration.cov_by_key("task", key), optimizer)
+            refreshed_keys.append(key)
+
+    monkeypatch.setattr(Folora, "refresh", refresh_from_calibration)
+    refreshed = run(folora_recipe(write_recipe, "refreshed", {"refresh_every": 2}, training=common))
+    assert refreshed_keys
+    a = load_file(list_checkpoints(plain.run_dir)[-1] / "trainable.safetensors")
+    b = load_file(list_checkpoints(refreshed.run_dir)[-1] / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:  # V is stored in float32: T = V^T M V is I to ~1e-6, which Adam's eps regime amplifies a little
+        torch.testing.assert_close(a[key], b[key], atol=1e-3, rtol=1e-3)
+
+
+def test_refresh_keeps_the_adapter_and_rotates_moments(write_recipe, monkeypatch):
+    """A refresh from a different C_t changes V but, with K = n, leaves every ``A = A~ V^T`` as it was,
+    and moves the first moment exactly: ``m_new V_new^T = m_old V_old^T`` (both the gradient in A-space)."""
+    checked = []
+
+    def refresh_to_other(self, optimizer):
+        for key, names in self.names_by_key.items():
+            wrapper = self.wrappers[names[0]]
+            a_before, basis_before = wrapper.lora_A().detach().clone(), wrapper.basis.clone()
+            m_before = optimizer.state[wrapper.lora_A_tilde]["exp_avg"].clone() @ basis_before.T
+            v_before = optimizer.state[wrapper.lora_A_tilde]["exp_avg_sq"].sum(-1)
+            other = self.ctx.calibration.cov_by_key("task", key) + 0.3 * self.ctx.calibration.cov_by_key("preserve", key)
+            self.rebase(key, other, optimizer)
+            assert not torch.allclose(wrapper.basis, basis_before, atol=1e-3)
+            torch.testing.assert_close(wrapper.lora_A(), a_before, atol=1e-5, rtol=1e-4)
+            m_after = optimizer.state[wrapper.lora_A_tilde]["exp_avg"] @ wrapper.basis.T
+            torch.testing.assert_close(m_after, m_before, atol=1e-6, rtol=1e-4)
+            v_after = optimizer.state[wrapper.lora_A_tilde]["exp_avg_sq"].sum(-1)
+            torch.testing.assert_close(v_after, v_before, atol=1e-9, rtol=1e-4)
+            checked.append(key)
+
+    monkeypatch.setattr(Folora, "refresh", refresh_to_other)
+    result = run(folora_recipe(write_recipe, "other", {"refresh_every": 2}, training={"max_steps": 4, "lr": 2e-2}))
+    assert checked and all(torch.isfinite(torch.tensor([m["loss"] for m in result.metrics if "loss" in m])))
+
+
+def test_refresh_window_matches_calibration_statistics(write_recipe):
+    """The window's C_t estimate over training batches equals collect_input_stats on the same batches."""
+    from preserve_core.calibration import collect_input_stats
+    from preserve_core.methods.folora_refresh import TaskWindow
+
+    result = run(folora_recipe(write_recipe, "window", training={"max_steps": 1}))
+    model = result.model
+    wrappers = {n: m for n, m in model.named_modules() if isinstance(m, FoloraLinear)}
+    batch = {
+        "input_ids": torch.tensor([[1, 21, 8, 25, 43, 4, 5, 41], [1, 22, 9, 2, 0, 0, 0, 0]]),
+        "attention_mask": torch.tensor([[1] * 8, [1] * 4 + [0] * 4]),
+        "labels": torch.tensor([[-100] * 4 + [25, 43, 4, 5], [-100, -100, 9, 2] + [-100] * 4]),
+    }
+    for w in wrappers.values():
+        w.record_inputs = True
+    model.train()
+    with torch.no_grad():
+        model(**batch)
+    window = TaskWindow("loss")
+    name = next(iter(wrappers))
+    window.add_batch({"k": wrappers[name].last_input}, batch)
+    with torch.no_grad(), _plain_linears(model, wrappers):
+        expected, count = collect_input_stats(model, [name], [batch], "loss")[name]
+    assert count == 6
+    torch.testing.assert_close(window.estimates()["k"], expected, atol=1e-5, rtol=1e-5)
+
+
+def _plain_linears(model, wrappers):
+    from preserve_core.methods.folora_layer import plain_linears
+
+    return plain_linears(model, wrappers, merge=False)
