@@ -53,8 +53,12 @@ class FormMethod(Method):
             return model
         unfreeze_targets(model, self.ctx.target_modules, self.ctx.recipe.model.train_embeddings)
         self.trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.theta0 = {n: p.detach().clone() for n, p in self.trained.items()}
+        self.theta0 = {n: p.detach().clone() for n, p in self.trained.items()} if self.keeps_theta0() else {}
         return model
+
+    def keeps_theta0(self) -> bool:
+        """Whether ``form: full`` keeps a copy of the pretrained trained weights (one extra copy in memory)."""
+        return True
 
     def delta_names(self) -> list[str]:
         """The keys of :meth:`weight_deltas`."""

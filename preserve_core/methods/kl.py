@@ -71,6 +71,9 @@ class Kl(FormMethod):
         cache = topk_cache(model, ids, lengths, recipe.calibration.kl_topk, temperature, recipe.calibration.stats_batch_size)
         return {"ids": ids, "lengths": lengths, **cache, "temperature": torch.tensor(float(temperature))}
 
+    def keeps_theta0(self) -> bool:
+        return self.options.reference == "frozen"
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         model = super().prepare_model(model)
         if self.options.reference == "cached":

@@ -47,6 +47,9 @@ class Replay(FormMethod):
     Options = ReplayOptions
     needs = frozenset({PRESERVE_DATA})
 
+    def keeps_theta0(self) -> bool:
+        return False
+
     def training_data(self, dataset):
         import datasets
 
