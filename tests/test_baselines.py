@@ -81,7 +81,8 @@ def test_lora_delta_norm_uses_gram_matrices():
     layer = SimpleNamespace(
         lora_A={"default": nn.Linear(5, 3, bias=False)}, lora_B={"default": nn.Linear(3, 7, bias=False)}, scaling={"default": 1.5}
     )
-    assert float(lora_delta_sq_norm(layer)) == pytest.approx(float((lora_delta(layer) ** 2).sum()), rel=1e-5)
+    with torch.no_grad():
+        assert float(lora_delta_sq_norm(layer)) == pytest.approx(float((lora_delta(layer) ** 2).sum()), rel=1e-5)
 
 
 class SoftmaxRegression(nn.Module):
@@ -100,7 +101,7 @@ def test_fisher_matches_softmax_regression_closed_form():
     """Diagonal true Fisher of softmax regression: ``F[c, j] = mean_x p_c (1 - p_c) x_j^2``."""
     torch.manual_seed(0)
     model = SoftmaxRegression(torch.randn(6, 3), classes=4)
-    sequences = torch.randint(0, 6, (3000, 2)).tolist()
+    sequences = torch.randint(0, 6, (1500, 3)).tolist()
     fisher = diagonal_fisher(model, ["linear.weight"], sequences, seed=1)["linear.weight"]
     with torch.no_grad():
         x = model.features[torch.tensor(sequences).flatten()]  # [N, 3]
@@ -139,7 +140,7 @@ def run(path, resume=False):
 def calibrated_recipe(write_recipe, tmp_path, name: str, method: dict, **training):
     """A recipe sharing one small calibration folder (sampled once, extras added per method)."""
     calibration = {**SMALL_CALIBRATION, "dir": str(tmp_path / "calibration")}
-    return write_recipe(name, method=method, calibration=calibration, training={"max_steps": 4, "lr": 1e-2, **training})
+    return write_recipe(name, method=method, calibration=calibration, training={"max_steps": 3, "lr": 1e-2, **training})
 
 
 def test_each_baseline_trains_and_exports_through_the_engine(write_recipe, tmp_path):
@@ -160,7 +161,7 @@ def test_each_baseline_trains_and_exports_through_the_engine(write_recipe, tmp_p
     for i, method in enumerate(methods):
         result = run(calibrated_recipe(write_recipe, tmp_path, f"{method['name']}-{i}", method))
         losses = [m["loss"] for m in result.metrics if "loss" in m]
-        assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))), (method, losses)
+        assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))), (method, losses)
         base = AutoModelForCausalLM.from_pretrained(load_recipe(write_recipe()).model.name_or_path).eval()
         if method.get("form") == "lora" or method["name"] in ("pissa", "milora", "corda_kpm"):
             exported = PeftModel.from_pretrained(base, result.final_dir).eval()
@@ -177,7 +178,7 @@ def test_kl_resume_is_exact(write_recipe, tmp_path):
     from preserve_core.checkpoint import list_checkpoints
 
     method = {"name": "kl", "form": "lora", "r": 2, "alpha": 4, "strength": 5.0, "preserve_batch_size": 5}
-    common = {"max_steps": 6, "save_every": 3, "keep_last": 5, "grad_accum": 2}
+    common = {"max_steps": 4, "save_every": 2, "keep_last": 5, "grad_accum": 2}
     straight = run(calibrated_recipe(write_recipe, tmp_path, "kl-straight", method, **common))
     path = calibrated_recipe(write_recipe, tmp_path, "kl-resumed", method, **common)
     first = run(path)
