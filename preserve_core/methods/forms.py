@@ -38,12 +38,15 @@ class FormOptions(MethodOptions):
 class FormMethod(Method):
     """A method that trains per ``options.form`` and offers :meth:`weight_deltas` to its regulariser.
 
-    ``is_adapter`` depends on the recipe here, so it is an instance property (True for ``form: lora``).
+    ``is_adapter`` depends on the recipe here: the class says False (``form: full``, the default) and
+    each instance says ``form == "lora"`` (the pattern ``fora`` uses too).
     """
 
-    @property
-    def is_adapter(self) -> bool:  # type: ignore[override]
-        return self.options.form == "lora"
+    is_adapter = False
+
+    def __init__(self, options: FormOptions, ctx):
+        super().__init__(options, ctx)
+        self.is_adapter = options.form == "lora"
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         if self.options.form == "lora":
