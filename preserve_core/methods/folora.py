@@ -101,9 +101,10 @@ class Folora(Method):
         self._set_recording()
         return model
 
-    def _solve(self, key: str, c_t: torch.Tensor) -> tuple[Basis, float]:
+    def _solve(self, key: str, c_t: torch.Tensor, c_p: torch.Tensor | None = None) -> tuple[Basis, float]:
         """The basis of one layer input, and the default init std of ``A~`` for it."""
-        c_p = self.ctx.calibration.cov_by_key("preserve", key).to(self.ctx.device)
+        if c_p is None:
+            c_p = self.ctx.calibration.cov_by_key("preserve", key).to(self.ctx.device)
         keep = resolve_keep(self.options.keep, c_p.shape[0])
         basis = generalized_basis(c_t.to(self.ctx.device), c_p, self.options.damping, keep)
         return basis, default_init_std(float(torch.trace(c_p)), c_p.shape[0], keep)
@@ -182,8 +183,8 @@ class Folora(Method):
     @torch.no_grad()
     def rebase(self, key: str, c_t: torch.Tensor, optimizer: GatedAdamW) -> None:
         """New coordinates for input ``key`` from ``c_t``: ``A~ <- A~ T``, moments likewise, ``V <- V_new``."""
-        basis, _ = self._solve(key, c_t)
         c_p = self.ctx.calibration.cov_by_key("preserve", key).to(self.ctx.device)
+        basis, _ = self._solve(key, c_t, c_p)
         names = self.names_by_key[key]
         t = transition(self.wrappers[names[0]].basis, basis.vectors, damped_preserve(c_p, self.options.damping))
         for name in names:

@@ -2,7 +2,9 @@
 
 ``y = W x (+ b) + (alpha / r) B (A x)`` with ``A = A~ V_K^T``: ``A~`` trainable [r, K], ``B`` trainable
 [m, r], ``V_K`` a fixed buffer [n, K]. ``A`` ([r, n]) is formed once per forward call (one r x K x n
-product), so the per-token cost equals plain LoRA's.
+product), so the per-token cost equals plain LoRA's. The adapter branch runs in float32 even under
+autocast: ``V_K``'s columns are long along directions the preserve data barely excite, so ``A`` can
+have large entries whose bf16 rounding would swamp ``A x``.
 """
 
 from __future__ import annotations
@@ -49,9 +51,11 @@ class FoloraLinear(nn.Module):
         y = self.base_layer(x)
         if not self.enabled:
             return y
-        a = self.lora_A()
-        h = self.dropout(x).to(a.dtype)
-        return y + (self.scaling * ((h @ a.T) @ self.lora_B.T)).to(y.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # float32: A can be large where C_p is small
+            a = self.lora_A()
+            h = self.dropout(x).to(a.dtype)
+            delta = self.scaling * ((h @ a.T) @ self.lora_B.T)
+        return y + delta.to(y.dtype)
 
 
 def default_init_std(c_p_trace: float, n: int, k: int) -> float:
