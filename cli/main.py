@@ -69,12 +69,14 @@ def train(
 # Subcommands that live in their own modules (one per concern).
 from cli.bench import bench  # noqa: E402
 from cli.calibrate import calibrate  # noqa: E402
+from cli.compare import compare  # noqa: E402
 from cli.eval import eval_cmd  # noqa: E402
 from cli.lab import lab_app  # noqa: E402
 
 app.command("bench")(bench)
 app.command("calibrate")(calibrate)
 app.command("eval")(eval_cmd)
+app.command("compare")(compare)
 app.add_typer(lab_app, name="lab")
 
 

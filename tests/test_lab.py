@@ -1,0 +1,120 @@
+"""The skills lab: generators, tokenizer, cached builds, recipe refs, CLI. The real `tiny` build is slow-marked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from preserve_core.errors import RecipeError
+from preserve_core.lab import NEW_SKILLS, PRETRAIN_SKILLS, SKILLS, build_lab, build_path, resolve_data_ref, resolve_model_ref
+from preserve_core.lab.skills import fact_table, split_examples
+from preserve_core.lab.tokenizer import build_tokenizer
+
+
+@pytest.fixture
+def lab_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPFT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home" / "lab"
+
+
+def answer(skill: str, text: str) -> str:
+    """An independent statement of each skill's rule, to check the generators against."""
+    if skill == "reverse":
+        return text[::-1]
+    if skill == "sort":
+        return "".join(sorted(text))
+    if skill == "recall":
+        return fact_table()[text]
+    if skill == "cycle":
+        period, n = text.split(",")
+        return "".join(period[i % len(period)] for i in range(int(n)))
+    if skill == "count":
+        letter, word = text.split(",")
+        return str(word.count(letter))
+    if skill == "shift":
+        return "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in text)
+    return "".join(c * 2 for c in text)  # double
+
+
+@pytest.mark.parametrize("skill", list(SKILLS))
+def test_generators_are_seeded_correct_and_hold_out_their_eval_prompts(skill):
+    train, evals = split_examples(skill, 300, 240, seed=0)
+    assert (train, evals) == split_examples(skill, 300, 240, seed=0)
+    assert len(train) == 300 and len(evals) == 240
+    for row in train + evals:
+        tag, _, rest = row["prompt"].partition(":")
+        assert tag == SKILLS[skill].tag and rest.endswith("=")
+        assert row["completion"] == answer(skill, rest[:-1])
+    if skill != "recall":  # memorised facts: the eval set is the fact table itself
+        assert len({r["prompt"] for r in evals}) == 240
+        assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+
+
+def test_skill_roles():
+    assert len(SKILLS) >= 6 and len(PRETRAIN_SKILLS) >= 4 and len(NEW_SKILLS) >= 2
+    assert not set(PRETRAIN_SKILLS) & set(NEW_SKILLS)
+
+
+def test_tokenizer_round_trips_through_autotokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    build_tokenizer().save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    text = "cyc:abc,7=abcabca"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+
+
+def test_micro_build_is_cached_atomic_and_loads_like_a_hub_model(lab_home):
+    from transformers import AutoModelForCausalLM
+
+    path = build_lab("micro")
+    card = json.loads((path / "card.json").read_text())
+    assert set(card["accuracy"]) == set(SKILLS) and card["size"] == "micro"
+    assert (path / "card.md").read_text().startswith("# ppft lab `micro`")
+    stamp = (path / "card.json").stat().st_mtime_ns
+    assert build_lab("micro") == path and (path / "card.json").stat().st_mtime_ns == stamp  # reused
+    assert not [p for p in lab_home.iterdir() if p.name.startswith(".tmp")]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_ref("lab:micro"))
+    assert model.config.model_type == "llama" and model.config.tie_word_embeddings
+
+
+def test_data_refs_resolve_without_building_a_model(lab_home):
+    path = resolve_data_ref("lab:shift", "eval")
+    rows = [json.loads(line) for line in open(path)]
+    assert len(rows) == 240 and rows[0]["prompt"].startswith("sft:")
+    mix = [json.loads(line) for line in open(resolve_data_ref("lab:preserve_mix"))]
+    assert mix and set(mix[0]) == {"text"}
+    assert not build_path("tiny").exists()
+
+
+def test_bad_refs_are_recipe_errors_with_suggestions(lab_home):
+    with pytest.raises(RecipeError, match="Did you mean 'shift'"):
+        resolve_data_ref("lab:shfit")
+    with pytest.raises(RecipeError, match="Did you mean 'tiny'"):
+        resolve_model_ref("lab:tinny")
+    with pytest.raises(RecipeError, match="no split"):
+        resolve_data_ref("lab:shift", "test")
+
+
+def test_cli_build_and_info(lab_home):
+    runner = CliRunner()
+    missing = runner.invoke(app, ["lab", "info", "--size", "micro"])
+    assert missing.exit_code == 2 and "ppft lab build --size micro" in missing.output
+    built = runner.invoke(app, ["lab", "build", "--size", "micro", "--no-progress"])
+    assert built.exit_code == 0, built.output
+    assert "recall" in built.output and "built in" in built.output
+    again = runner.invoke(app, ["lab", "info", "--size", "micro"])
+    assert again.exit_code == 0 and "reused" in again.output
+
+
+@pytest.mark.slow
+def test_tiny_lab_meets_its_targets(lab_home):
+    """The real default: every pretraining skill >= 0.95, every new task <= 0.05 (the issue's targets)."""
+    card = json.loads((build_lab("tiny") / "card.json").read_text())
+    assert all(card["accuracy"][s] >= 0.95 for s in PRETRAIN_SKILLS), card["accuracy"]
+    assert all(card["accuracy"][s] <= 0.05 for s in NEW_SKILLS), card["accuracy"]
