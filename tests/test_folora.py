@@ -211,7 +211,8 @@ def test_refresh_keeps_the_adapter_and_rotates_moments(write_recipe, monkeypatch
             a_before, basis_before = wrapper.lora_A().detach().clone(), wrapper.basis.clone()
             m_before = optimizer.state[wrapper.lora_A_tilde]["exp_avg"].clone() @ basis_before.T
             v_before = optimizer.state[wrapper.lora_A_tilde]["exp_avg_sq"].sum(-1)
-            other = self.ctx.calibration.cov_by_key("task", key) + 0.3 * self.ctx.calibration.cov_by_key("preserve", key)
+            cal = self.ctx.calibration
+            other = cal.cov_by_key("task", key) + 0.3 * cal.cov_by_key("preserve", key)
             self.rebase(key, other, optimizer)
             assert not torch.allclose(wrapper.basis, basis_before, atol=1e-3)
             torch.testing.assert_close(wrapper.lora_A(), a_before, atol=1e-5, rtol=1e-4)

@@ -19,19 +19,24 @@ from torch import nn
 
 from .adapter_export import save_lora_factors_as_peft
 from .base import PRESERVE_STATS, TASK_STATS, Method, MethodOptions
-from .folora_basis import Basis, damped_preserve, gamma_of, gate_values, generalized_basis, quantile_at, resolve_keep, transition
+from .folora_basis import (
+    Basis,
+    damped_preserve,
+    gamma_of,
+    gate_values,
+    generalized_basis,
+    quantile_at,
+    resolve_keep,
+    transition,
+)
 from .folora_layer import FoloraLinear, attach_disable_adapter, default_init_std, install, plain_linears
 from .folora_refresh import TaskWindow, in_window, mix_estimate
 from .gated_adam import GatedAdamW, unwrap_optimizer
 
 
 def _count_or_fraction(value: int | float | None) -> int | float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or (isinstance(value, int) and value < 1):
-        raise ValueError("a count must be an integer >= 1")
-    if isinstance(value, float) and not 0 < value <= 1:
-        raise ValueError("a fraction must be a float in (0, 1]")
+    if value is not None and (isinstance(value, bool) or value <= 0):
+        raise ValueError("must be positive: a fraction (< 1) or a count (>= 1)")
     return value
 
 
@@ -42,25 +47,35 @@ class FoloraOptions(MethodOptions):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
     damping: float = Field(1e-4, gt=0, description="eps = damping * tr(C_p) / n in C_t v = lambda (C_p + eps I) v.")
     keep: int | float | None = Field(
-        None, description="Spectral directions K per layer input: None all n, an int a count, a float in (0, 1] a fraction of n."
+        None, description="Directions K per layer input: None all n; < 1 a fraction of n, >= 1 a count."
     )
     gate: Literal["soft", "hard", "temperature"] = Field(
-        "soft", description="soft: l/(l+gamma); hard: 1 on the top directions, else 0; temperature: sigmoid(log(l/gamma)/T)."
+        "soft",
+        description="soft: l/(l+gamma); hard: 1 on the top directions, else 0; temperature: sigmoid(log(l/gamma)/T).",
     )
-    gamma_quantile: float = Field(0.5, ge=0, le=1, description="gamma = this quantile of a layer input's lambda (0.5: median).")
+    gamma_quantile: float = Field(
+        0.5, ge=0, le=1, description="gamma = this quantile of a layer input's lambda (0.5: the median)."
+    )
     gamma_schedule: Literal["constant", "linear"] = Field(
-        "constant", description="constant: gamma_quantile throughout; linear: from gamma_quantile_start to gamma_quantile over training."
+        "constant",
+        description="constant: gamma_quantile throughout; linear: gamma_quantile_start to gamma_quantile over training",
     )
     gamma_quantile_start: float = Field(0.0, ge=0, le=1, description="Quantile at step 0 of the linear schedule.")
     hard_k: int | float | None = Field(
-        None, description="hard gate: open exactly the top hard_k directions (int, or float fraction of K); None: lambda >= gamma."
+        None,
+        description="hard gate: open exactly the top hard_k directions (< 1 a fraction of K, >= 1 a count); "
+        "None: where lambda >= gamma.",
     )
-    temperature: float = Field(1.0, gt=0, description="temperature gate: T (1 equals the soft gate, towards 0 the hard one).")
-    init_gated: bool = Field(False, description="Scale A~'s random initial columns by their step-0 gate (ours; spec: plain random).")
+    temperature: float = Field(1.0, gt=0, description="temperature gate: T (1 equals soft, towards 0 hard).")
+    init_gated: bool = Field(
+        False, description="Scale A~'s random initial columns by their step-0 gate (ours; the spec: plain random)."
+    )
     refresh_every: int = Field(0, ge=0, description="Re-estimate C_t, V and lambda every this many steps (0: never).")
-    refresh_window: int = Field(16, ge=1, description="Optimizer steps before each refresh whose task inputs form the estimate.")
+    refresh_window: int = Field(
+        16, ge=1, description="Optimizer steps before each refresh whose task inputs form the estimate."
+    )
     refresh_mix: float = Field(
-        0.5, gt=0, le=1, description="New C_t = mix * C_window + (1 - mix) * previous C_t (the calibration C_t at first)."
+        0.5, gt=0, le=1, description="New C_t = mix * C_window + (1 - mix) * previous C_t (at first: calibration C_t)."
     )
 
     _check_keep = field_validator("keep", "hard_k")(_count_or_fraction)
@@ -127,7 +142,8 @@ class Folora(Method):
     def _gate(self, key: str) -> torch.Tensor:
         """``g(lambda)`` of input ``key`` for the next update (float32 [K]); records ``gamma``."""
         o = self.options
-        q = quantile_at(self.step, self.ctx.recipe.training.max_steps, o.gamma_schedule, o.gamma_quantile_start, o.gamma_quantile)
+        max_steps = self.ctx.recipe.training.max_steps
+        q = quantile_at(self.step, max_steps, o.gamma_schedule, o.gamma_quantile_start, o.gamma_quantile)
         values = self.values[key]
         self.gammas[key] = gamma_of(values, q)
         hard_k = resolve_keep(o.hard_k, values.numel()) if o.hard_k is not None else None

@@ -36,11 +36,14 @@ def damped_preserve(c_p: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 def resolve_keep(keep: int | float | None, n: int) -> int:
-    """Directions kept: all (None), a count (int), or a fraction of ``n`` (float in (0, 1], rounded up)."""
+    """Directions kept: all (None), a fraction of ``n`` when ``keep < 1`` (floored, at least 1), else a count.
+
+    Same convention as FORA's caps (so ``1.0`` means one direction).
+    """
     if keep is None:
         return n
-    if isinstance(keep, float):
-        return max(1, min(n, math.ceil(keep * n)))
+    if keep < 1:
+        return max(1, min(n, math.floor(keep * n)))
     return max(1, min(n, int(keep)))
 
 
@@ -83,7 +86,9 @@ def gamma_of(values: torch.Tensor, quantile: float) -> float:
     return float(torch.quantile(values.double().clamp_min(0), quantile))
 
 
-def gate_values(values: torch.Tensor, gamma: float, kind: str, temperature: float = 1.0, hard_k: int | None = None) -> torch.Tensor:
+def gate_values(
+    values: torch.Tensor, gamma: float, kind: str, temperature: float = 1.0, hard_k: int | None = None
+) -> torch.Tensor:
     """``g_i = g(lambda_i)``, float32 [K].
 
     soft: ``l / (l + gamma)`` (= ``sigmoid(log l - log gamma)``); temperature: ``sigmoid((log l - log gamma) / T)``

@@ -17,7 +17,9 @@ from torch import nn
 
 
 class FoloraLinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, vectors: torch.Tensor, r: int, alpha: float, dropout: float, init_std: float):
+    def __init__(
+        self, base_layer: nn.Linear, vectors: torch.Tensor, r: int, alpha: float, dropout: float, init_std: float
+    ):
         super().__init__()
         self.base_layer = base_layer
         m, _ = base_layer.weight.shape

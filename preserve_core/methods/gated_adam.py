@@ -19,13 +19,15 @@ import torch
 
 
 class GatedAdamW(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0
+    ) -> None:
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
     def set_gate(self, param: torch.Tensor, gate: torch.Tensor) -> None:
         """Scale the update of ``param``'s last-dimension columns by ``gate`` ([K]) from the next step on."""
         if gate.shape != param.shape[-1:]:
-            raise ValueError(f"gate of shape {tuple(gate.shape)} does not fit a parameter of shape {tuple(param.shape)}")
+            raise ValueError(f"a gate of shape {tuple(gate.shape)} does not fit a parameter {tuple(param.shape)}")
         self.state[param]["gate"] = gate.detach().to(device=param.device, dtype=param.dtype).clone()
 
     def gate(self, param: torch.Tensor) -> torch.Tensor | None:
