@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import Method, MethodContext, MethodOptions
 from .corda_kpm import CordaKpm
 from .ewc import Ewc
+from .folora import Folora
 from .fora import Fora
 from .full import FullFineTune
 from .kl import Kl
@@ -18,6 +19,7 @@ from .replay import Replay
 METHODS: dict[str, type[Method]] = {
     "full": FullFineTune,
     "lora": Lora,
+    "folora": Folora,
     "fora": Fora,
     "weightproj": WeightProj,
     "replay": Replay,
