@@ -20,7 +20,7 @@ IGNORE = -100
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-def load_rows(source: str, split: str = "train"):
+def load_rows(source: str, split: str = "train", subset: str | None = None):
     """A ``datasets.Dataset`` from a local file, ``lab:<skill>[@eval]`` or a hub data set name."""
     import datasets
 
@@ -38,7 +38,7 @@ def load_rows(source: str, split: str = "train"):
             return datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train")
         if path.is_dir():
             return datasets.load_from_disk(str(path))
-        return datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(source, subset, split=split)
     except RecipeError:
         raise
     except Exception as e:  # datasets raises many types for unreadable input
@@ -166,14 +166,14 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
 
 def build_train_dataset(recipe, tokenizer):
-    rows = load_rows(recipe.data.train, recipe.data.split)
+    rows = load_rows(recipe.data.train, recipe.data.split, recipe.data.subset)
     return tokenize_rows(rows, tokenizer, recipe.data)
 
 
 def build_eval_dataset(recipe, tokenizer):
     if not recipe.data.eval:
         return None, None
-    rows = load_rows(recipe.data.eval, "validation")
+    rows = load_rows(recipe.data.eval, recipe.data.eval_split, recipe.data.subset)
     return tokenize_rows(rows, tokenizer, recipe.data)
 
 

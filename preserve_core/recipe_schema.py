@@ -39,6 +39,8 @@ class DataConfig(StrictModel):
     train: str = Field(..., description="JSONL/JSON/CSV/Parquet path, a hub data set name, or lab:<skill>.")
     eval: str | None = Field(None, description="Held-out data for the periodic eval loss (same formats).")
     split: str = Field("train", description="Split to read from a hub data set.")
+    eval_split: str = Field("validation", description="Split of data.eval to read when it is a hub data set.")
+    subset: str | None = Field(None, description="Hub data set configuration name (e.g. main for openai/gsm8k).")
     format: Literal["auto", "prompt_completion", "text", "messages"] = Field(
         "auto", description="auto: prompt/completion, else messages, else text columns."
     )

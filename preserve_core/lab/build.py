@@ -11,6 +11,8 @@ Builds are atomic (a temporary folder renamed into place) and idempotent (a matc
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -99,13 +101,32 @@ def is_built(size: str, seed: int = 0) -> bool:
 
 def build_lab(size: str = "tiny", seed: int = 0, force: bool = False, on_step: Callable[[int, int, float], None] | None = None) -> Path:
     """Pretrain (or reuse) the lab model of ``size``; returns the build folder. ``on_step(step, total, loss)``."""
+    cfg, final = preset(size), build_path(size, seed)
+    if (final / "card.json").exists() and not force:
+        return final
+    with build_lock(final):  # other processes (ranks of one launch, parallel runs) wait for this build
+        if (final / "card.json").exists() and not force:
+            return final
+        return _build(cfg, seed, final, force, on_step)
+
+
+@contextlib.contextmanager
+def build_lock(final: Path):
+    """An exclusive ``flock`` on ``<final>.lock`` for the duration of a build."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.with_name(f".{final.name}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(cfg: LabConfig, seed: int, final: Path, force: bool, on_step) -> Path:
     from ..models import quiet_transformers
     from .pretrain import build_model, pretrain
     from .tokenizer import build_tokenizer
 
-    cfg, final = preset(size), build_path(size, seed)
-    if (final / "card.json").exists() and not force:
-        return final
     quiet_transformers()
     folder = ensure_data(cfg, 0)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
