@@ -148,6 +148,9 @@ def test_resume_is_exact_with_schedule_and_refresh(write_recipe):
     method = {"gamma_schedule": "linear", "gamma_quantile_start": 0.1, "refresh_every": 3, "refresh_window": 2}
     common = {"max_steps": 8, "save_every": 4, "keep_last": 5, "lr": 2e-2, "warmup_steps": 2, "grad_accum": 2}
     straight = run(folora_recipe(write_recipe, "straight", method, training=common))
+    at_4, at_8 = (load_file(c / "method.safetensors") for c in list_checkpoints(straight.run_dir))
+    bases = [k for k in at_4 if k.startswith("basis/")]
+    assert bases and all(not torch.allclose(at_4[k], at_8[k]) for k in bases), "the refresh at step 6 changed nothing"
     interrupted = folora_recipe(write_recipe, "resumed", method, training=common)
     first = run(interrupted)
     shutil.rmtree(first.run_dir / "final")
@@ -244,7 +247,7 @@ def test_refresh_window_matches_calibration_statistics(write_recipe):
         w.record_inputs = True
     model.train()
     with torch.no_grad():
-        model(**batch)
+        model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # below the arming hook
     window = TaskWindow("loss")
     name = next(iter(wrappers))
     window.add_batch({"k": wrappers[name].last_input}, batch)
@@ -258,3 +261,22 @@ def _plain_linears(model, wrappers):
     from preserve_core.methods.folora_layer import plain_linears
 
     return plain_linears(model, wrappers, merge=False)
+
+
+def test_refresh_window_with_gradient_checkpointing(write_recipe, monkeypatch):
+    """Recomputation in backward does not record inputs again, and the window still sees every micro-batch."""
+    tokens = []
+    original = Folora.refresh
+
+    def counting_refresh(self, optimizer):
+        tokens.append({k: float(c) for k, c in self.window.counts.items()})
+        assert all(w.last_input is None for w in self.wrappers.values())  # right after a backward
+        original(self, optimizer)
+
+    monkeypatch.setattr(Folora, "refresh", counting_refresh)
+    path = folora_recipe(
+        write_recipe, "ckpt", {"refresh_every": 2, "refresh_window": 1},
+        model={"gradient_checkpointing": True}, training={"max_steps": 3, "grad_accum": 2, "batch_size": 4},
+    )  # fmt: skip
+    run(path)
+    assert len(tokens) == 1 and len(set(tokens[0].values())) == 1 and next(iter(tokens[0].values())) > 0

@@ -96,6 +96,7 @@ class Folora(Method):
         self.task_covs: dict[str, torch.Tensor] = {}  # refreshed C_t estimates (CPU), when refresh_mix < 1
         self.window = TaskWindow(ctx.recipe.calibration.task_positions)
         self.step = 0
+        self.window_open = False  # the next optimizer step's task inputs go into the refresh window
         self.refresh_seconds: list[float] = []
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -111,6 +112,7 @@ class Folora(Method):
             basis, init_std = solved[key]
             self.wrappers[name] = install(model, name, lambda lin: self._wrap(lin, basis, init_std, key))
         attach_disable_adapter(model, self.wrappers)
+        model.register_forward_pre_hook(self._arm_recording)
         if self.ctx.recipe.model.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         self._set_recording()
@@ -162,7 +164,7 @@ class Folora(Method):
         first = {key: self.wrappers[names[0]] for key, names in self.names_by_key.items()}
         inputs = {key: w.last_input for key, w in first.items() if w.last_input is not None}
         for w in self.wrappers.values():
-            w.last_input = None
+            w.last_input, w.record_inputs = None, False  # no recording in backward recomputation
         if inputs:
             self.window.add_batch(inputs, batch)
         return None
@@ -176,9 +178,12 @@ class Folora(Method):
         self._set_recording()
 
     def _set_recording(self) -> None:
-        on = in_window(self.step + 1, self.options.refresh_every, self.options.refresh_window)
+        self.window_open = in_window(self.step + 1, self.options.refresh_every, self.options.refresh_window)
+
+    def _arm_recording(self, module: nn.Module, args) -> None:
+        """Forward pre-hook of the whole model: each micro-batch's forward records its layer inputs once."""
         for w in self.wrappers.values():
-            w.record_inputs = on
+            w.record_inputs = self.window_open
 
     # -- refresh --------------------------------------------------------------------------------
     def refresh(self, optimizer: GatedAdamW) -> None:
