@@ -9,6 +9,7 @@ optionally by the KL of its next-token distributions from the base model. A fini
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +33,8 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return f"{self.task}__{self.label}__lr{self.lr:g}__s{self.seed}"
+        options = hashlib.sha256(self.method_json.encode()).hexdigest()[:6]  # edited options: a new cell
+        return f"{self.task}__{self.label}__lr{self.lr:g}__s{self.seed}__{options}"
 
     @property
     def method(self) -> dict:
@@ -70,7 +72,7 @@ def cell_recipe(base: Recipe, cell: Cell, task: BenchTask, cells_dir: Path) -> R
     data["eval"]["target"] = [target_task(task).model_dump(mode="json")]
     data["eval"]["every_n_steps"] = 0
     data["output"].update(dir=str(cells_dir / cell.id), overwrite=True, merge=False)
-    data["calibration"]["dir"] = str(cells_dir / f"calibration__{task.name}__s{cell.seed}__{cell.label}")
+    data["calibration"]["dir"] = str(cells_dir / f"calibration__{task.name}__s{cell.seed}")  # shared by methods
     return validate_recipe(data, {("bench",): (f"bench cell {cell.id}", 0)})
 
 

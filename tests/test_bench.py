@@ -46,10 +46,17 @@ def test_bench_runs_resumes_and_writes_results(write_recipe, tmp_path, tiny_task
     assert (out / "pareto.png").stat().st_size > 1000
     assert "| full | 0.01 |" in (out / "results.md").read_text()
 
-    cell = out / "cells" / "rev__full__lr0.001__s0" / "cell.json"
+    (cell,) = (out / "cells").glob("rev__full__lr0.001__s0__*/cell.json")
     stamp = cell.stat().st_mtime_ns
     again = runner.invoke(app, ["bench", str(path)])
     assert again.exit_code == 0 and cell.stat().st_mtime_ns == stamp, "a finished cell must not be re-run"
+
+    data = yaml.safe_load(path.read_text())
+    data["bench"]["methods"][0]["method"]["name"] = "lora"  # same label, other options: a new cell
+    data["bench"]["methods"][0]["label"] = "full"
+    path.write_text(yaml.safe_dump(data))
+    assert runner.invoke(app, ["bench", str(path)]).exit_code == 0
+    assert len(list((out / "cells").glob("rev__full__lr0.001__s0__*/cell.json"))) == 2
 
 
 def test_bench_rejects_bad_method_before_training(write_recipe, tmp_path, tiny_task_file):
