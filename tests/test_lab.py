@@ -89,6 +89,8 @@ def test_data_refs_resolve_without_building_a_model(lab_home):
     assert len(rows) == 240 and rows[0]["prompt"].startswith("sft:")
     mix = [json.loads(line) for line in open(resolve_data_ref("lab:preserve_mix"))]
     assert mix and set(mix[0]) == {"text"}
+    mix_eval = [json.loads(line) for line in open(resolve_data_ref("lab:preserve_mix", "eval"))]
+    assert len(mix_eval) == 5 * 240 and mix_eval[0]["text"].startswith("rev:")
     assert not build_path("tiny").exists()
 
 

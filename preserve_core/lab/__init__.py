@@ -2,7 +2,8 @@
 
 ``model: lab:tiny`` in a recipe resolves to a pretrained lab model (built on first use, cached under
 ``lab_home()``), ``data: lab:<skill>`` to that skill's training rows and ``lab:<skill>@eval`` to its
-held-out eval rows. ``lab:preserve_mix`` is label-free text of all pretraining skills (``text`` rows).
+held-out eval rows. ``lab:preserve_mix`` is label-free text of all pretraining skills (``text`` rows; its eval split is
+the skills' held-out rows as text, for ``kl_to_base`` and ``perplexity`` tasks).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import difflib
 import sys
 
 from ..errors import RecipeError
-from .build import build_lab, build_path, data_dir, ensure_data, is_built, lab_home, preset, read_card, skill_accuracy
+from .build import build_lab, build_path, data_dir, ensure_data, is_built, lab_home, preset, read_card, skill_accuracy, write_preserve_mix_eval
 from .config import LAB_VERSION, PRESETS, LabConfig
 from .skills import NEW_SKILLS, PRETRAIN_SKILLS, SKILLS
 
@@ -43,9 +44,12 @@ def resolve_data_ref(ref: str, split: str = "train", size: str = "tiny") -> str:
     name = ref.removeprefix("lab:")
     if name not in DATA_SETS:
         raise RecipeError(f"unknown lab data set '{ref}'.{_suggest(name, DATA_SETS)} Available: {', '.join('lab:' + s for s in DATA_SETS)}.")
-    if split not in ("train", "eval") or (name == "preserve_mix" and split != "train"):
+    if split not in ("train", "eval"):
         raise RecipeError(f"lab data set '{ref}' has no split '{split}' (use lab:{name} or lab:{name}@eval).")
-    return str(ensure_data(preset(size)) / name / f"{split}.jsonl")
+    folder = ensure_data(preset(size))
+    if name == "preserve_mix" and split == "eval":
+        return str(write_preserve_mix_eval(folder))  # added after the first release of the data folder
+    return str(folder / name / f"{split}.jsonl")
 
 
 __all__ = [

@@ -65,9 +65,22 @@ def ensure_data(cfg: LabConfig, seed: int = 0) -> Path:
         _write_jsonl(tmp / skill / "eval.jsonl", evals)
     mix = [r for s in PRETRAIN_SKILLS for r in split_examples(s, cfg.n_preserve_mix // len(PRETRAIN_SKILLS), 1, seed + 1)[0]]
     _write_jsonl(tmp / "preserve_mix" / "train.jsonl", [{"text": r["prompt"] + r["completion"]} for r in mix])
+    write_preserve_mix_eval(tmp)
     (tmp / "done").write_text("ok\n")
     _move_into_place(tmp, final)
     return final
+
+
+def write_preserve_mix_eval(folder: Path) -> Path:
+    """``preserve_mix/eval.jsonl``: the pretraining skills' eval rows as ``text``, interleaved (for KL/perplexity)."""
+    path = folder / "preserve_mix" / "eval.jsonl"
+    if not path.exists():
+        per_skill = [[json.loads(x) for x in (folder / s / "eval.jsonl").read_text().splitlines()] for s in PRETRAIN_SKILLS]
+        rows = [{"text": r["prompt"] + r["completion"]} for group in zip(*per_skill, strict=False) for r in group]
+        tmp = path.with_name(f".eval.{os.getpid()}.tmp")
+        _write_jsonl(tmp, rows)
+        tmp.replace(path)
+    return path
 
 
 def eval_prompts(cfg: LabConfig, seed: int = 0) -> set[str]:
