@@ -13,15 +13,15 @@ from .l2sp import L2sp
 from .lora import Lora
 from .milora import Milora
 from .pissa import Pissa
-from .weightproj import WeightProj
 from .replay import Replay
+from .weightproj import WeightProj
 
 METHODS: dict[str, type[Method]] = {
     "full": FullFineTune,
     "lora": Lora,
-    "folora": Folora,
     "fora": Fora,
     "weightproj": WeightProj,
+    "folora": Folora,
     "replay": Replay,
     "l2sp": L2sp,
     "ewc": Ewc,
