@@ -31,7 +31,13 @@ test-all: setup
 
 # Benchmarks: results in bench/results/, summarised in docs/results.md.
 bench: setup
+	$(VENV)/bin/ppft lab build --size tiny --no-progress
 	$(VENV)/bin/ppft bench recipes/lab_bench.yaml
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_methods.py
+	$(PY) bench/bench_calibration.py
+	$(PY) -c "import lm_eval" 2>/dev/null && $(PY) bench/bench_eval.py || echo "bench_eval skipped: pip install -e '.[lmeval]'"
+	$(PY) bench/summarize.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,92 @@
+"""Summarise the performance benchmarks (bench/results/*.json) as one Markdown file.
+
+    python bench/summarize.py            # writes bench/results/performance.md and prints it
+
+Each section reads one file written by a bench script; a missing file is reported, not invented.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def train_section(data: dict) -> list[str]:
+    s = data["settings"]
+    return [
+        f"ppft `train` (lora) vs Hugging Face `Trainer` + PEFT, hidden {s['hidden']}, {s['layers']} layers, batch {s['batch']}, "
+        f"{s['steps']} steps, best of {s['repeats']} interleaved repeats:",
+        "",
+        "| ppft tokens/s | HF Trainer tokens/s | ratio | target |",
+        "|---|---|---|---|",
+        f"| {data['ppft_tokens_per_s']:.0f} | {data['hf_trainer_tokens_per_s']:.0f} | {data['ratio_ppft_over_hf']:.2f} | {data['target']} |",
+    ]
+
+
+def methods_section(data: dict) -> list[str]:
+    s = data["settings"]
+    lines = [
+        f"Step time (median) and peak RSS per method, hidden {s['hidden']}, {s['layers']} layers, batch {s['batch']}, "
+        f"{s['steps']} steps, each method in its own process:",
+        "",
+        "| method | step (s) | vs | ratio | peak RSS (MB) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, r in data["methods"].items():
+        if "error" in r:
+            lines.append(f"| {label} | error: {r['error'][:60]} | | | |")
+            continue
+        ratio = f"{r['step_time_ratio']:.2f}" if "step_time_ratio" in r else "-"
+        lines.append(f"| {label} | {r['step_seconds_median']:.3f} | {r.get('reference', '-')} | {ratio} | {r['peak_rss_mb']:.0f} |")
+    return lines
+
+
+def calibration_section(data: dict) -> list[str]:
+    lines = ["| model | statistics vs plain forward (time ratio, target <= 1.25) | sampling vs bare generate (throughput ratio, target >= 0.8) |", "|---|---|---|"]
+    for name, c in data["configs"].items():
+        lines.append(f"| {name} | {c['stats']['ratio_median']:.2f} | {c['sampling']['throughput_ratio']:.2f} |")
+    return lines
+
+
+def eval_section(data: dict) -> list[str]:
+    return [
+        f"exact_match on {data['suite']['rows']} rows, batch {data['suite']['batch_size']}: "
+        f"generations identical to lm-eval: {data['generations_identical']}",
+        "",
+        "| ppft cold (s) | ppft warm (s) | lm-eval (s) | ratio cold | ratio warm | target |",
+        "|---|---|---|---|---|---|",
+        f"| {data['ppft_cold_s']:.2f} | {data['ppft_warm_s']:.2f} | {data['lm_eval_s']:.2f} | {data['ratio_cold']:.2f} | {data['ratio_warm']:.2f} | <= 1.0 |",
+    ]
+
+
+SECTIONS = [
+    ("Training throughput", "train.json", train_section, "python bench/bench_train.py"),
+    ("Method step time and memory", "methods.json", methods_section, "python bench/bench_methods.py"),
+    ("Calibration overhead", "calibration.json", calibration_section, "python bench/bench_calibration.py"),
+    ("Evaluation vs lm-evaluation-harness", "eval.json", eval_section, "python bench/bench_eval.py (needs ppft[lmeval])"),
+]
+
+
+def main() -> int:
+    lines = ["# Performance benchmarks", "", "Ratios measured side by side in one run on the same machine (CPU unless noted).", ""]
+    for title, name, render, command in SECTIONS:
+        lines += [f"## {title}", "", f"`{command}` -> `bench/results/{name}`", ""]
+        data = _load(name)
+        lines += (render(data) if data else ["(not run yet)"]) + [""]
+    text = "\n".join(lines)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "performance.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
