@@ -114,9 +114,27 @@ def test_cli_build_and_info(lab_home):
     assert again.exit_code == 0 and "reused" in again.output
 
 
+# The real `tiny` lab, built (or reused) in $PPFT_HOME: minutes on 2 cores, so CI-only.
 @pytest.mark.slow
-def test_tiny_lab_meets_its_targets(lab_home):
-    """The real default: every pretraining skill >= 0.95, every new task <= 0.05 (the issue's targets)."""
+def test_tiny_lab_meets_its_targets():
+    """Every pretraining skill >= 0.95, every new task <= 0.05."""
     card = json.loads((build_lab("tiny") / "card.json").read_text())
     assert all(card["accuracy"][s] >= 0.95 for s in PRETRAIN_SKILLS), card["accuracy"]
     assert all(card["accuracy"][s] <= 0.05 for s in NEW_SKILLS), card["accuracy"]
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_learns_a_new_task_and_forgets_for_real(tmp_path):
+    """recipes/lab_base.yaml (full, 300 steps): new task >= 0.9, mean pretraining-skill drop >= 0.2."""
+    from pathlib import Path
+
+    recipe = str(Path(__file__).parents[1] / "recipes" / "lab_base.yaml")
+    runner, run = CliRunner(), tmp_path / "run"
+    assert runner.invoke(app, ["train", recipe, "--output-dir", str(run), "--no-progress"]).exit_code == 0
+    result = runner.invoke(app, ["eval", recipe, "--output-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    tasks = json.loads((run / "eval" / "report.json").read_text())["tasks"]
+    target = [t for t in tasks if t["suite"] == "target"]
+    preserve = [t for t in tasks if t["suite"] == "preserve"]
+    assert target[0]["tuned"] >= 0.9
+    assert sum(t["base"] - t["tuned"] for t in preserve) / len(preserve) >= 0.2
