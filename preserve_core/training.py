@@ -96,7 +96,7 @@ def setup_method(recipe, model, tokenizer, accelerator):
     method_cls = METHODS[recipe.method.name]
     targets = resolve_target_modules(model, recipe.model.target_modules)
     calibration = None
-    if method_cls.needs:
+    if method_cls.needs_for(recipe.method):
         from .calibration import ensure_calibration
 
         calibration = ensure_calibration(recipe, model, tokenizer, method_cls, accelerator)

@@ -204,8 +204,9 @@ def test_resume_is_exact(method, write_recipe, calibration_settings):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
-def test_weightproj_needs_no_calibration_and_protects_weight_directions(write_recipe, tiny_model_dir):
-    result = run(write_recipe("weightproj", method={"name": "weightproj", "rank": 3, "u_rank": 0, "spectral_size": 0},
+@pytest.mark.parametrize("method", [{"name": "weightproj"}, {"name": "fora", "source": "weight"}])
+def test_weightproj_needs_no_calibration_and_protects_weight_directions(write_recipe, tiny_model_dir, method):
+    result = run(write_recipe("weightproj", method={**method, "rank": 3, "u_rank": 0, "spectral_size": 0},
                               training={"max_steps": 3, "lr": 2e-2}))  # fmt: skip
     assert not (result.run_dir / "calibration").exists()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -76,6 +76,11 @@ class Method:
         self.options = options
         self.ctx = ctx
 
+    @classmethod
+    def needs_for(cls, options: MethodOptions) -> frozenset[str]:
+        """What this configuration reads from calibration (default: ``needs``; options may drop some)."""
+        return cls.needs
+
     # -- set-up ---------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model

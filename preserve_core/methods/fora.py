@@ -65,6 +65,10 @@ class Fora(Method):
         self.layers: dict[str, ForaLinear] = {}
         self.anchors: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def needs_for(cls, options: ForaOptions) -> frozenset[str]:
+        return cls.needs if options.source == "activation" else frozenset()
+
     # -- set-up ---------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Freeze the model, wrap every target linear; in the full form ``W`` (not its bias) trains."""
