@@ -81,6 +81,9 @@ def main() -> int:
         lines += [f"## {title}", "", f"`{command}` -> `bench/results/{name}`", ""]
         data = _load(name)
         lines += (render(data) if data else ["(not run yet)"]) + [""]
+        for extra in sorted(RESULTS.glob(name.replace(".json", "_*.json"))):  # variants, e.g. another batch size
+            lines += [f"Variant `{extra.name}` ({json.dumps(_load(extra.name).get('settings', {}))}):", ""]
+            lines += render(_load(extra.name)) + [""]
     text = "\n".join(lines)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "performance.md").write_text(text)

@@ -114,14 +114,15 @@ def pareto_plot(rows: list[dict], base: dict, path: Path) -> None:
 
     tasks = sorted({r["task"] for r in rows})
     methods = sorted({r["method"] for r in rows})
-    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
+    colors = {m: plt.cm.tab20((2 * i) % 20 + (2 * i // 20) % 2) for i, m in enumerate(methods)}  # unpaired hues first
+    markers = {m: "osD^vPX*<>"[i % 10] for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         mine = [r for r in rows if r["task"] == task]
         for m in methods:
             pts = [r for r in mine if r["method"] == m]
             ax.scatter([100 * r["preserve_mean"]["score"] for r in pts], [100 * r["new_task"]["score"] for r in pts],
-                       color=colors[m], label=m, s=40, edgecolors="black", linewidths=0.4)  # fmt: skip
+                       color=colors[m], marker=markers[m], label=m, s=40, edgecolors="black", linewidths=0.4)  # fmt: skip
         front = sorted((r for r in mine if r["pareto"]), key=lambda r: r["preserve_mean"]["score"])
         ax.plot([100 * r["preserve_mean"]["score"] for r in front], [100 * r["new_task"]["score"] for r in front], "k--", lw=1, label="Pareto front")
         if task in base:

@@ -41,11 +41,12 @@ def _suite_mean(tasks: list[dict], suite: str, key: str) -> dict:
 def comparison_rows(runs: list[dict]) -> tuple[list[dict], dict]:
     """One row per run in bench-report form (``new_task``, ``preserve_mean``, ``preserve``), and the base."""
     labels = [r["method"] for r in runs]
+    targets = ", ".join(t["name"] for t in runs[0]["report"]["tasks"] if t["suite"] == "target") or "target"
     rows = []
     for run, label in zip(runs, labels, strict=True):
         tasks = run["report"]["tasks"]
         rows.append({
-            "task": "target", "method": label if labels.count(label) == 1 else Path(run["run"]).name,
+            "task": targets, "method": label if labels.count(label) == 1 else Path(run["run"]).name,
             "run": run["run"], "lr": None,
             "new_task": _suite_mean(tasks, "target", "tuned"), "preserve_mean": _suite_mean(tasks, "preserve", "tuned"),
             "preserve": {t["name"]: {"score": t["tuned"], "stderr": None} for t in tasks if t["suite"] == "preserve"},
@@ -84,5 +85,5 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "comparison.json", json.dumps({"base": base, "rows": rows}, indent=2))
     write_atomic(out_dir / "comparison.md", markdown(rows, base))
-    pareto_plot(rows, {"target": base["target"]}, out_dir / "learning_vs_forgetting.png")
+    pareto_plot(rows, {rows[0]["task"]: base["target"]}, out_dir / "learning_vs_forgetting.png")
     return rows
