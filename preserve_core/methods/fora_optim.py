@@ -62,28 +62,38 @@ class ProjectedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update_group(params, group)
         return loss
 
-    def _update(self, p: torch.Tensor, group: dict) -> None:
+    def _update_group(self, params: list[torch.Tensor], group: dict) -> None:
+        """One AdamW step for ``params``: projections per tensor, moment arithmetic batched (``_foreach``)."""
         lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        t = float(state["step"])
-        grad = self.project(p, _wide(p.grad)).to(p.dtype)
-        if decay:
-            self._decay(p, lr * decay)
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-        step = _wide(state["exp_avg"]) / _wide(denom) * (lr / (1 - beta1**t))
-        p.sub_(self.project(p, step).to(p.dtype))
+        grads, exp_avgs, exp_avg_sqs, corrections = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            t = float(state["step"])
+            grads.append(self.project(p, _wide(p.grad)).to(p.dtype))
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            corrections.append((lr / (1 - beta1**t), math.sqrt(1 - beta2**t)))
+            if decay:
+                self._decay(p, lr * decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, [c[1] for c in corrections])
+        torch._foreach_add_(denoms, eps)
+        for p, m, denom, (step_size, _) in zip(params, exp_avgs, denoms, corrections, strict=True):
+            step = _wide(m) / _wide(denom) * step_size
+            p.sub_(self.project(p, step).to(p.dtype))
 
     def _decay(self, p: torch.Tensor, amount: float) -> None:
         """``p <- p - amount P_U (p - W_0) P_Q`` if projected, else plain ``p <- (1 - amount) p``."""
