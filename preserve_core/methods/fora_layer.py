@@ -56,12 +56,20 @@ class ForaLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.r and self.delta is not None and isinstance(self.dropout, nn.Identity):
+            a, b = self._fused_factors()  # one rank-(r+s) product instead of two skinny ones
+            return y + F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype)
         if self.r:
             a, b = self.branch_factors()
             y = y + F.linear(F.linear(self.dropout(x).to(a.dtype), a), b).to(y.dtype)
         if self.delta is not None:
             y = y + F.linear(F.linear(x.to(self.v_c.dtype), self.v_c.T) * self.delta, self.u_c).to(y.dtype)
         return y
+
+    def _fused_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([A'; V_c^T] [r+s, n], [(alpha/r) B' | U_c diag(delta)] [m, r+s])``, differentiable."""
+        (a, b), (va, ub) = self.branch_factors(), self.channel_factors()
+        return torch.cat([a, va], 0), torch.cat([b, ub], 1)
 
     def branch_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A' [r, n], (alpha/r) B' [m, r])``: the LoRA branch as ``B A`` with scaling folded in."""
