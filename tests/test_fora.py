@@ -79,15 +79,16 @@ def _orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64))[0]
 
 
+@pytest.mark.parametrize("k", [2, 5])  # 5 of 6: the optimizer projects with Q's complement
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_projected_adamw_equals_adam_on_m(weight_decay):
+def test_projected_adamw_equals_adam_on_m(weight_decay, k):
     """On ``W = W_0 + P_U M P_Q``, AdamW on ``M`` and the projected AdamW on ``W`` take the same path."""
     torch.set_default_dtype(torch.float64)
     try:
         m, n, steps = 7, 6, 6
         g = torch.Generator().manual_seed(0)
         w0, x, y = torch.randn(m, n, generator=g), torch.randn(n, 10, generator=g), torch.randn(m, 10, generator=g)
-        q, u1 = _orthonormal(n, 2, 1), _orthonormal(m, 3, 2)
+        q, u1 = _orthonormal(n, k, 1), _orthonormal(m, 3, 2)
 
         def loss(w):
             return ((w @ x - y) ** 2).sum() + (w**3).sum()

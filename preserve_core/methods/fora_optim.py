@@ -42,6 +42,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self.projectors = projectors or {}
         self.anchors = anchors or {}
+        self._complements: dict[torch.Tensor, torch.Tensor] = {}
         for group in self.param_groups:
             if group["weight_decay"] > 0:
                 missing = [p for p in group["params"] if p in self.projectors and p not in self.anchors]
@@ -49,11 +50,22 @@ class ProjectedAdamW(torch.optim.Optimizer):
                     raise ValueError("weight decay on a projected parameter needs its W_0 anchor")
 
     def project(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``P_U x P_Q`` for a projected ``p``; ``x`` unchanged otherwise."""
+        """``P_U x P_Q`` for a projected ``p``; ``x`` unchanged otherwise.
+
+        When ``Q`` spans more than half of the input space, ``x P_Q = (x Q_c) Q_c^T`` with the orthonormal
+        complement ``Q_c`` [n, n - k] is the cheaper product (computed once, kept out of the state).
+        """
         if p not in self.projectors:
             return x
         q, u1 = self.projectors[p]
-        return project_left(project_right(x, q), u1)
+        if 2 * q.shape[1] > q.shape[0]:
+            complement = self._complements.get(p)
+            if complement is None:
+                complement = self._complements[p] = orthonormal_complement(q)
+            right = (x @ complement.to(x.dtype)) @ complement.T.to(x.dtype)
+        else:
+            right = project_right(x, q)
+        return project_left(right, u1)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -101,6 +113,12 @@ class ProjectedAdamW(torch.optim.Optimizer):
             p.sub_((amount * self.project(p, _wide(p) - _wide(self.anchors[p]))).to(p.dtype))
         else:
             p.mul_(1 - amount)
+
+
+def orthonormal_complement(q: torch.Tensor) -> torch.Tensor:
+    """``Q_c`` [n, n - k] with ``[Q Q_c]`` orthonormal: the trailing left singular vectors of ``Q`` [n, k]."""
+    u = torch.linalg.svd(q.double(), full_matrices=True)[0]
+    return u[:, q.shape[1] :].to(q.dtype).contiguous()
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
