@@ -58,7 +58,11 @@ def run_ppft(model_dir: Path, data: Path, root: Path, steps: int, batch: int, ra
 
 
 class _StepTimer:
-    """A Trainer callback recording per-step wall time."""
+    """A Trainer callback recording when each optimizer step ends.
+
+    A step's time is the gap between consecutive step ends, so, as in ppft's ``step_seconds``, it
+    includes fetching and collating the step's batch (the Trainer fetches it before ``on_step_begin``).
+    """
 
     def __init__(self):
         from transformers import TrainerCallback
@@ -66,15 +70,15 @@ class _StepTimer:
         timer = self
 
         class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
-                timer.begin = time.perf_counter()
-
             def on_step_end(self, args, state, control, **kw):
-                timer.times.append(time.perf_counter() - timer.begin)
+                timer.ends.append(time.perf_counter())
 
         self.callback = Callback()
-        self.times: list[float] = []
-        self.begin = 0.0
+        self.ends: list[float] = []
+
+    def step_times(self) -> list[float]:
+        """Seconds of steps 1..n-1 (step 0 has no previous end)."""
+        return [b - a for a, b in zip(self.ends[:-1], self.ends[1:])]
 
 
 def run_hf_trainer(model_dir: Path, data: Path, root: Path, steps: int, batch: int, rank: int) -> dict:
@@ -106,8 +110,8 @@ def run_hf_trainer(model_dir: Path, data: Path, root: Path, steps: int, batch: i
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
-    skip = steps // 5
-    return {"tokens_per_s": sum(counts[skip:steps]) / sum(timer.times[skip:]), "wall_s_including_setup": total}
+    skip = steps // 5  # warm-up steps; step_times()[i] is step i + 1
+    return {"tokens_per_s": sum(counts[skip + 1 : steps]) / sum(timer.step_times()[skip:]), "wall_s_including_setup": total}
 
 
 def main() -> None:
