@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -110,10 +112,23 @@ def test_every_shipped_recipe_validates(recipe_file, tmp_path):
     load_recipe(recipe_file, output_dir=str(tmp_path / "run"))
 
 
+TWO_PROCESS_METHODS = [
+    ({"name": "lora", "r": 4, "alpha": 8}, "adapter_model.safetensors"),
+    ({"name": "fora", "r": 4, "alpha": 8, "spectral_size": 2}, "adapter_model.safetensors"),
+    ({"name": "fora", "form": "full"}, "model.safetensors"),
+    ({"name": "folora", "r": 4, "alpha": 8, "refresh_every": 2, "refresh_window": 1}, "adapter_model.safetensors"),
+    ({"name": "kl", "strength": 1.0}, "model.safetensors"),
+    ({"name": "ewc", "strength": 1.0}, "model.safetensors"),
+    ({"name": "replay", "rho": 0.25}, "model.safetensors"),
+]
+
+
 @pytest.mark.slow
-def test_two_process_run(write_recipe):
-    """2 CPU processes through Accelerate (DDP over gloo); only rank 0 writes files."""
-    path = write_recipe(training={"max_steps": 4, "batch_size": 4})
+@pytest.mark.parametrize(("method", "weights"), TWO_PROCESS_METHODS, ids=lambda v: v["name"] + v.get("form", "") if isinstance(v, dict) else "")
+def test_two_process_run(write_recipe, tmp_path, method, weights):
+    """2 CPU processes through Accelerate (DDP over gloo), calibration sharded too; only rank 0 writes files."""
+    calibration = {"num_samples": 8, "batch_size": 4, "max_new_tokens": 8, "max_task_examples": 16, "fisher_samples": 8}
+    path = write_recipe(training={"max_steps": 4, "batch_size": 4}, method=method, calibration=calibration)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cli.main", "train", str(path),
            "--no-progress"]
@@ -122,9 +137,10 @@ def test_two_process_run(write_recipe):
     run_dir = load_recipe(path).run_dir()
     manifest = yaml.safe_load((run_dir / "manifest.json").read_text())
     assert manifest["num_processes"] == 2
-    assert (run_dir / "final" / "adapter_model.safetensors").exists()
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 4, "metrics must be written once (rank 0), not once per process"
+    assert (run_dir / "final" / weights).exists()
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3, 4], "metrics once (rank 0), not once per process"
+    assert all(math.isfinite(m["loss"]) for m in lines if "loss" in m)
 
 
 def test_recipe_reference_is_current():
