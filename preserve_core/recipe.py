@@ -274,8 +274,23 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir
     return recipe
 
 
+def check_lab_ref(loc: tuple, value: str, lines: dict) -> None:
+    """A ``lab:`` ref must name a lab size (model) or a lab data set (data), without building anything."""
+    from .lab import DATA_SETS, PRESETS
+
+    name = value.removeprefix("lab:").partition("@")[0]
+    known = list(PRESETS) if loc == ("model", "name_or_path") else DATA_SETS
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean 'lab:{close[0]}'?" if close else ""
+        raise RecipeError(
+            f"{_where(loc, lines)}: {'.'.join(map(str, loc))}: unknown lab ref '{value}'.{hint} "
+            f"Available: {', '.join('lab:' + k for k in known)}."
+        )
+
+
 def check_paths_exist(recipe: Recipe, lines: dict) -> None:
-    """Every referenced local file must exist (hub names and lab: refs are checked when loaded)."""
+    """Every referenced local file must exist and every ``lab:`` ref must exist (hub names are checked when loaded)."""
     refs: list[tuple[tuple, str | None]] = [
         (("data", "train"), recipe.data.train),
         (("data", "eval"), recipe.data.eval),
@@ -285,8 +300,12 @@ def check_paths_exist(recipe: Recipe, lines: dict) -> None:
         for i, task in enumerate(getattr(recipe.eval, suite)):
             refs.append((("eval", suite, i, "data"), task.data))
     refs.append((("model", "name_or_path"), recipe.model.name_or_path))
+    for bench_i, task in enumerate(recipe.bench.tasks):
+        refs += [(("bench", "tasks", bench_i, "train"), task.train), (("bench", "tasks", bench_i, "eval"), task.eval)]
     for loc, value in refs:
-        if value and Path(value).is_absolute() and not Path(value).exists():
+        if value and value.startswith("lab:"):
+            check_lab_ref(loc, value, lines)
+        elif value and Path(value).is_absolute() and not Path(value).exists():
             raise RecipeError(
                 f"{_where(loc, lines)}: {'.'.join(map(str, loc))}: file not found: {value}. "
                 "Relative paths resolve against the recipe file's folder."

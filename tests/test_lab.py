@@ -138,3 +138,15 @@ def test_full_fine_tuning_learns_a_new_task_and_forgets_for_real(tmp_path):
     preserve = [t for t in tasks if t["suite"] == "preserve"]
     assert target[0]["tuned"] >= 0.9
     assert sum(t["base"] - t["tuned"] for t in preserve) / len(preserve) >= 0.2
+
+
+def test_recipe_lab_ref_typos_fail_validation_with_the_key_and_a_suggestion(write_recipe, lab_home):
+    runner = CliRunner()
+    bad_data = runner.invoke(app, ["validate", str(write_recipe("d", data={"train": "lab:shfit"}))])
+    assert bad_data.exit_code == 2 and "data.train" in bad_data.output and "lab:shift" in bad_data.output
+    bad_eval = write_recipe("e", eval={"preserve": [{"name": "r", "kind": "exact_match", "data": "lab:revrese"}]})
+    result = runner.invoke(app, ["validate", str(bad_eval)])
+    assert result.exit_code == 2 and "eval.preserve.0.data" in result.output and "lab:reverse" in result.output
+    bad_model = runner.invoke(app, ["validate", str(write_recipe("m", model={"name_or_path": "lab:tinny"}))])
+    assert bad_model.exit_code == 2 and "lab:tiny" in bad_model.output
+    assert not lab_home.exists()  # validation builds nothing
