@@ -1,0 +1,29 @@
+"""The main job end to end: `make demo`'s script on the real lab (slow: a few minutes, CI only)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_script_calibrates_trains_evaluates_and_compares():
+    ppft = Path(sys.executable).parent / "ppft"
+    proc = subprocess.run(["bash", "scripts/demo.sh", str(ppft)], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = REPO / "runs" / "demo"
+    rows = {r["method"]: r for r in json.loads((out / "comparison.json").read_text())["rows"]}
+    assert set(rows) == {"full", "fora", "fora_full", "folora", "kl"}
+    assert all(rows[m]["new_task"]["score"] >= 0.8 for m in rows), {m: r["new_task"] for m, r in rows.items()}
+    # protection is real: the protected runs keep more of the old skills than plain full fine-tuning
+    assert rows["fora_full"]["preserve_mean"]["score"] > rows["full"]["preserve_mean"]["score"] + 0.2
+    assert rows["kl"]["preserve_mean"]["score"] > rows["full"]["preserve_mean"]["score"] + 0.2
+    assert (out / "learning_vs_forgetting.png").stat().st_size > 1000
+    for method in rows:
+        assert (out / method / "eval" / "report.md").exists()
