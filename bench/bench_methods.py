@@ -40,6 +40,8 @@ def method_sections() -> dict[str, dict]:
     for name in ("fora", "weightproj"):
         if name in sections:
             sections[f"{name}_full"] = {"name": name, "form": "full"}
+    if "fora" in sections:  # the full form without the spectral channel's per-token path
+        sections["fora_full_s0"] = {"name": "fora", "form": "full", "spectral_size": 0}
     if "folora" in sections:  # one refresh every 10 steps: its cost shows in step_seconds_max
         sections["folora_refresh"] = {"name": "folora", "r": 8, "refresh_every": 10, "refresh_window": 4}
     return sections
