@@ -7,7 +7,8 @@ With ``r > 0`` (LoRA form), per forward call (not per token)::
     y  = W x + (alpha / r) B' (A' dropout(x)) + U_c (delta * (V_c^T x))
 
 With ``r = 0`` (full-rank form) ``W`` itself trains (its projected AdamW keeps the update in the
-protected space) and the layer adds only the channel. The bases are non-persistent float32 buffers
+protected space) and the layer adds only the channel, folded into the weight once per call:
+``y = (W + U_c diag(delta) V_c^T) x``. The bases are non-persistent float32 buffers
 (the method checkpoints them); ``A``, ``B`` and ``delta`` are float32 parameters.
 """
 
@@ -55,6 +56,11 @@ class ForaLinear(nn.Module):
             raise ValueError(f"checkpointed channel has width {self.u_c.shape[1]}, the layer {self.delta.numel()}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.r and self.delta is not None:
+            # full form: fold the channel into the weight once per call (no per-token path); costs one
+            # [m, n] temporary kept for the backward pass
+            w = self.base.weight
+            return F.linear(x, w + (self.u_c * self.delta).to(w.dtype) @ self.v_c.T.to(w.dtype), self.base.bias)
         y = self.base(x)
         if self.r and self.delta is not None and isinstance(self.dropout, nn.Identity):
             a, b = self._fused_factors()  # one rank-(r+s) product instead of two skinny ones
