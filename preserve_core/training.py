@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.nn.utils import get_total_norm
 
 from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import build_eval_dataset, build_train_dataset, collate, data_fingerprint
 from .errors import PPFTError, RecipeError, TrainingDiverged
+from .guards import all_finite, optimizer_tensors
 from .methods import METHODS, MethodContext
 from .methods.base import unwrap_model
 from .models import load_model, load_tokenizer, model_fingerprint, resolve_target_modules
@@ -228,22 +230,45 @@ class TrainingLoop:
             tokens += int(batch["attention_mask"].sum())
         total = self._mean_over_ranks(total)
         if not math.isfinite(total):
-            self._diverged(total)
-        grad_norm = None
-        if self.cfg.max_grad_norm is not None:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self._trainable(), self.cfg.max_grad_norm))
+            self._diverged(f"the loss became {total}")
+        grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.method.after_step(self.model, self.optimizer, self.state.step)
         self.state.epoch, self.state.position = self.stream.epoch, self.stream.position
+        if not self._state_finite():
+            self._diverged("the update made trainable weights or optimizer state non-finite", step=self.state.step)
         tokens = int(self._sum_over_ranks(tokens))
         self.state.tokens += tokens
         return total, tokens, time.perf_counter() - start, grad_norm
 
     def _trainable(self):
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _clip_gradients(self) -> float | None:
+        """Clip to ``max_grad_norm`` (if set) and return the global L2 gradient norm; stop if it is not finite.
+
+        Under fp16 loss scaling a non-finite gradient is expected now and then: the scaler skips that
+        update and lowers the scale, so it is not divergence.
+        """
+        params = self._trainable()
+        scaled = self.accelerator.scaler is not None
+        if self.cfg.max_grad_norm is not None:
+            grad_norm = float(self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        elif scaled:
+            return None
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = float(get_total_norm(grads)) if grads else 0.0
+        if not math.isfinite(grad_norm) and not scaled:
+            self._diverged(f"the gradient norm became {grad_norm}")
+        return grad_norm
+
+    def _state_finite(self) -> bool:
+        """Trainable weights and optimizer state (moments) all finite: one fused max-abs reduction."""
+        return all_finite([*self._trainable(), *optimizer_tensors(self.optimizer)])
 
     def _mean_over_ranks(self, value: float) -> float:
         if self.accelerator.num_processes == 1:
@@ -257,12 +282,17 @@ class TrainingLoop:
         t = torch.tensor([float(value)], device=self.accelerator.device)
         return float(self.accelerator.reduce(t, "sum"))
 
-    def _diverged(self, loss: float):
+    def _diverged(self, what: str, step: int | None = None):
+        """Stop: nothing is saved from the bad state; name the checkpoint a resume would use."""
+        step = self.state.step + 1 if step is None else step
         kept = list_checkpoints(self.recipe.run_dir())
         where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved before it"
+        lower = f"{self.cfg.lr / 10:g}"
+        again = f"--resume --allow-changes --set training.lr={lower}" if kept else f"--set training.lr={lower}"
         raise TrainingDiverged(
-            f"loss became {loss} at step {self.state.step + 1}; stopped ({where}). "
-            "Lower training.lr, enable clipping (training.max_grad_norm), or check the data."
+            f"training diverged at step {step}: {what}; stopped without saving it ({where}). "
+            f"Lower the learning rate (training.lr is {self.cfg.lr:g}; try {again}), "
+            "enable clipping (training.max_grad_norm), or check the data."
         )
 
     def after_step(self, loss: float, tokens: int, seconds: float, grad_norm, progress) -> None:
@@ -299,6 +329,9 @@ class TrainingLoop:
         return self._mean_over_ranks(total / max(count, 1))
 
     def checkpoint(self) -> Path | None:
+        """Save the current state (rank 0), only if every trainable weight and optimizer value is finite."""
+        if not self._state_finite():
+            self._diverged("trainable weights or optimizer state are non-finite", step=self.state.step)
         self.accelerator.wait_for_everyone()
         path = None
         if self.accelerator.is_main_process:

@@ -1,0 +1,84 @@
+"""Divergence: a non-finite loss, gradient, weight or optimizer value stops the run, and no checkpoint
+is ever written from such a state; the error names a checkpoint that really is finite."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preserve_core.checkpoint import list_checkpoints
+from preserve_core.errors import TrainingDiverged
+from preserve_core.methods.lora import Lora
+from preserve_core.recipe import load_recipe
+from preserve_core.training import train
+
+
+def _all_checkpoint_tensors_finite(path) -> bool:
+    tensors = list(load_file(path / "trainable.safetensors").values())
+    blob = torch.load(path / "state.pt", weights_only=True)
+    for per_param in blob["optimizer"]["state"].values():
+        tensors += [v for v in per_param.values() if torch.is_tensor(v)]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def test_infinite_lr_writes_no_checkpoint(write_recipe):
+    """lr = inf: step 1's loss is finite but the update makes the weights NaN; nothing may be saved."""
+    recipe = load_recipe(write_recipe(training={"save_every": 1, "max_steps": 4}))
+    recipe.training.lr = math.inf  # bypass recipe validation: the engine must be safe on its own
+    with pytest.raises(TrainingDiverged) as err:
+        train(recipe, show_progress=False)
+    message = str(err.value)
+    assert "step 1" in message and "no checkpoint" in message and "training.lr" in message
+    run_dir = recipe.run_dir()
+    assert list_checkpoints(run_dir) == [] and not (run_dir / "final").exists()
+    assert not list(run_dir.glob(".tmp-*"))
+
+
+def _poison_weight(model, optimizer):
+    param = next(p for n, p in model.named_parameters() if p.requires_grad)
+    param.data[0].fill_(float("nan"))
+
+
+def _poison_optimizer_state(model, optimizer):
+    state = next(iter(optimizer.state.values()))
+    state["exp_avg_sq"].fill_(float("inf"))  # weights stay finite this step
+
+
+@pytest.mark.parametrize("poison", [_poison_weight, _poison_optimizer_state])
+def test_poisoned_update_keeps_last_finite_checkpoint(write_recipe, monkeypatch, poison):
+    def after_step(self, model, optimizer, step):
+        if step == 3:
+            poison(model, optimizer)
+
+    monkeypatch.setattr(Lora, "after_step", after_step)
+    path = write_recipe(training={"max_steps": 6, "save_every": 1, "keep_last": 5})
+    with pytest.raises(TrainingDiverged) as err:
+        train(load_recipe(path), show_progress=False)
+    assert "step 3" in str(err.value) and "checkpoint-000002" in str(err.value)
+    kept = list_checkpoints(load_recipe(path).run_dir())
+    assert [p.name for p in kept] == ["checkpoint-000001", "checkpoint-000002"]
+    assert all(_all_checkpoint_tensors_finite(p) for p in kept)
+
+
+def test_non_finite_gradient_with_finite_loss_stops(write_recipe, monkeypatch):
+    """sqrt(0 * w) has value 0 but gradient 0 * inf = NaN: only the gradient check can see it."""
+    calls = {"n": 0}
+
+    def extra_loss(self, model, batch, outputs):
+        calls["n"] += 1
+        if calls["n"] < 3:
+            return None
+        weight = next(p for p in model.parameters() if p.requires_grad)
+        return torch.sqrt(weight.sum() * 0.0)
+
+    monkeypatch.setattr(Lora, "extra_loss", extra_loss)
+    for clip in (1.0, None):  # the norm comes from clipping, or is computed for the check alone
+        path = write_recipe(f"clip{clip}", training={"max_steps": 6, "save_every": 2, "max_grad_norm": clip})
+        calls["n"] = 0
+        with pytest.raises(TrainingDiverged) as err:
+            train(load_recipe(path), show_progress=False)
+        assert "gradient norm became nan" in str(err.value) and "step 3" in str(err.value)
+        assert [p.name for p in list_checkpoints(load_recipe(path).run_dir())] == ["checkpoint-000002"]
