@@ -98,6 +98,30 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _method_name(data: dict) -> Any:
+    method = data.get("method")
+    return method.get("name") if isinstance(method, dict) else None
+
+
+def _switches_method(base: dict, override: dict) -> bool:
+    """True when ``override`` names a method other than ``base``'s: its options are then another method's."""
+    new, old = _method_name(override), _method_name(base)
+    return new is not None and old is not None and new != old
+
+
+def _drop_lines_under(lines: dict, prefix: tuple) -> dict:
+    return {k: v for k, v in lines.items() if k[: len(prefix)] != prefix}
+
+
+def _merge_recipe(parent: tuple[dict, dict], child: tuple[dict, dict]) -> tuple[dict, dict]:
+    """Child over parent; a child naming another method replaces the parent's method block whole."""
+    (parent_data, parent_lines), (data, lines) = parent, child
+    if _switches_method(parent_data, data):
+        parent_data = {k: v for k, v in parent_data.items() if k != "method"}
+        parent_lines = _drop_lines_under(parent_lines, ("method",))
+    return _deep_merge(parent_data, data), {**parent_lines, **lines}
+
+
 def _resolve_paths_in_place(data: dict, base_dir: Path) -> None:
     """Make the relative local paths this file sets absolute, against the file's folder."""
 
@@ -146,15 +170,14 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, d
         return data, lines
     if not isinstance(parent, str):
         raise RecipeError(f"{path}:{lines[('extends',)][1]}: extends: must be a path to another recipe")
-    parent_data, parent_lines = _load_with_extends((path.parent / parent), (*seen, path))
-    return _deep_merge(parent_data, data), {**parent_lines, **lines}
+    return _merge_recipe(_load_with_extends((path.parent / parent), (*seen, path)), (data, lines))
 
 
 # ---------------------------------------------------------------------------------------------
 # --set overrides
 # ---------------------------------------------------------------------------------------------
-def apply_override(data: dict, lines: dict, override: str) -> None:
-    """Apply ``key.path=value`` (value parsed as YAML) to ``data``; list items by index."""
+def parse_override(override: str) -> tuple[list[Any], Any]:
+    """``key.path=value`` -> (key parts, list indices as ints; value parsed as YAML)."""
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
         raise RecipeError(f"--set {override!r}: expected key.path=value, for example --set training.lr=3e-4")
@@ -163,6 +186,28 @@ def apply_override(data: dict, lines: dict, override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise RecipeError(f"--set {override!r}: the value is not valid YAML: {e}") from None
+    return parts, value
+
+
+def reset_method_for_overrides(data: dict, lines: dict, overrides: list[str]) -> None:
+    """``--set method.name=X`` naming another method: start X's block afresh.
+
+    The file's options belong to its own method (FORA's ``form`` means nothing to ``full``), so
+    they are dropped; every ``--set method.*`` of the same command still applies on top.
+    """
+    names = [(override, value) for override in overrides for parts, value in [parse_override(override)]
+             if parts == ["method", "name"]]
+    if names and _switches_method(data, {"method": {"name": names[-1][1]}}):
+        data["method"] = {}
+        kept = _drop_lines_under(lines, ("method",))
+        lines.clear()
+        lines.update(kept)
+        lines[("method",)] = (f"--set {names[-1][0]}", 0)
+
+
+def apply_override(data: dict, lines: dict, override: str) -> None:
+    """Apply ``key.path=value`` (value parsed as YAML) to ``data``; list items by index."""
+    parts, value = parse_override(override)
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
@@ -261,6 +306,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir
     """Load, merge, override, validate and fill in a recipe; returns a fully resolved :class:`Recipe`."""
     path = Path(path)
     data, lines = _load_with_extends(path)
+    reset_method_for_overrides(data, lines, overrides or [])
     for override in overrides or []:
         apply_override(data, lines, override)
         _resolve_paths_in_place(data, Path.cwd())

@@ -26,6 +26,10 @@ current). Every section is strict: unknown keys are errors. Relative paths resol
 file that sets them; `extends: other.yaml` inherits a recipe and overrides it key by key (lists are
 replaced, mappings merged). `--set key.path=value` overrides any key from the command line (the value is
 parsed as YAML). `name` defaults to the recipe file's name; `output.dir` defaults to `./runs/<name>`.
+Naming another method (`--set method.name=full`, or a `method.name` in a file that `extends:` one with a
+different method) replaces the whole `method` block: the other method's options are dropped, and the
+`--set method.*` of the same command apply on top (`--set method.name=lora --set method.r=16`).
+Errors name the file and line that hold the offending key (the base file for an inherited one).
 """
 
 

@@ -81,6 +81,64 @@ def test_extends_and_relative_paths(tmp_path, tiny_task_file):
     assert recipe.name == "child"
 
 
+FORA_METHOD = {"name": "fora", "form": "lora", "r": 8, "alpha": 16, "energy": 0.9, "spectral_size": 2}
+
+
+@pytest.mark.parametrize("order", ["set_before", "set_after"])
+def test_set_method_name_replaces_the_block_keeping_same_command_options(write_recipe, order):
+    """--set method.name=lora on a FORA recipe: FORA's form/energy/spectral_size go, --set method.r stays."""
+    sets = ["method.r=3", "method.name=lora"] if order == "set_before" else ["method.name=lora", "method.r=3"]
+    recipe = load_recipe(write_recipe(method=FORA_METHOD), sets)
+    assert recipe.method.model_dump() == {"name": "lora", "r": 3, "alpha": 16.0, "dropout": 0.0, "use_rslora": False}
+
+
+def test_set_method_name_same_method_keeps_file_options(write_recipe):
+    recipe = load_recipe(write_recipe(method=FORA_METHOD), ["method.name=fora", "method.r=4"])
+    assert (recipe.method.r, recipe.method.energy, recipe.method.spectral_size) == (4, 0.9, 2)
+
+
+def test_set_method_name_option_of_old_method_names_the_set(write_recipe):
+    result = cli("validate", write_recipe(method=FORA_METHOD), "--set", "method.name=full", "--set", "method.energy=0.5")
+    assert result.exit_code == 2
+    out = result.output.replace("\n", "")
+    assert "--set method.energy=0.5: method.energy: unknown key" in out and "form" not in out
+
+
+def test_shipped_real_model_recipe_switches_method_from_command_line():
+    """The exact command of issue 15: it failed with `method.form: unknown key`."""
+    result = cli("validate", REPO / "recipes" / "qwen3_1.7b_fora.yaml", "--set", "method.name=full")
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(REPO / "recipes" / "qwen3_1.7b_fora.yaml", ["method.name=full"], output_dir="unused")
+    assert recipe.method.model_dump() == {"name": "full"}
+
+
+def _base_and_child(tmp_path, tiny_task_file, base_method, child_method):
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump({"data": {"train": str(tiny_task_file)}, "training": {"lr": 0.5}, "method": base_method}, sort_keys=False)
+    )
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"extends": "base.yaml", "method": child_method}, sort_keys=False))
+    return tmp_path / "child.yaml"
+
+
+def test_extends_with_another_method_replaces_the_block(tmp_path, tiny_task_file):
+    child = _base_and_child(tmp_path, tiny_task_file, FORA_METHOD, {"name": "lora", "r": 2})
+    recipe = load_recipe(child)
+    assert recipe.method.model_dump() == {"name": "lora", "r": 2, "alpha": 16.0, "dropout": 0.0, "use_rslora": False}
+    assert recipe.training.lr == 0.5
+
+
+def test_extends_error_names_the_file_holding_the_line(tmp_path, tiny_task_file):
+    """Same method in both files: options merge, and a bad option in the base is reported at the base's line."""
+    child = _base_and_child(tmp_path, tiny_task_file, {**FORA_METHOD, "enrgy": 0.1}, {"name": "fora", "r": 2})
+    with pytest.raises(RecipeError) as err:
+        load_recipe(child)
+    base_line = 1 + (tmp_path / "base.yaml").read_text().splitlines().index("  enrgy: 0.1")
+    assert f"{tmp_path / 'base.yaml'}:{base_line}: method.enrgy: unknown key" in str(err.value)
+    child = _base_and_child(tmp_path, tiny_task_file, FORA_METHOD, {"name": "full", "r": 2})
+    with pytest.raises(RecipeError, match=f"{tmp_path / 'child.yaml'}:4: method.r: unknown key"):
+        load_recipe(child)
+
+
 def test_extends_cycle_is_refused(tmp_path):
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
