@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .methods import METHODS, MethodContext
 from .methods.base import unwrap_model
 from .models import load_model, load_tokenizer, model_fingerprint, resolve_target_modules
 from .progress import TrainingProgress
+from .runlock import run_lock
 from .runs import MetricsLog, prepare_run_dir, write_manifest
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -119,9 +121,15 @@ def train(recipe, resume: bool = False, show_progress: bool = True) -> TrainResu
     """Fine-tune per ``recipe``; writes checkpoints, metrics, manifest and ``<run_dir>/final``."""
     accelerator = make_accelerator(recipe)
     run_dir = recipe.run_dir()
-    if accelerator.is_main_process:
-        prepare_run_dir(run_dir, resume, recipe.output.overwrite)
-    accelerator.wait_for_everyone()
+    with run_lock(run_dir) if accelerator.is_main_process else nullcontext():
+        if accelerator.is_main_process:
+            prepare_run_dir(run_dir, resume, recipe.output.overwrite)
+        accelerator.wait_for_everyone()
+        return _train_locked(recipe, accelerator, run_dir, resume, show_progress)
+
+
+def _train_locked(recipe, accelerator, run_dir: Path, resume: bool, show_progress: bool) -> TrainResult:
+    """The run itself, once rank 0 holds the run folder's lock."""
     set_seed(recipe.training.seed)
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model, accelerator.device)
