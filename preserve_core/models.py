@@ -34,6 +34,26 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def base_model_reference(name_or_path: str) -> str:
+    """What an export records as its base model: a string ``from_pretrained`` loads anywhere.
+
+    ``lab:<size>`` becomes the built lab model's absolute folder, an existing local folder its
+    absolute path; a hub id stays as it is.
+    """
+    path = resolve_model_path(name_or_path)
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
+
+
+def write_model_card(folder: Path, base_ref: str) -> None:
+    """``README.md`` with the Hub's model-card metadata (``base_model``) in a full-weight export folder."""
+    (Path(folder) / "README.md").write_text(
+        f"---\nbase_model: {json.dumps(base_ref)}\nlibrary_name: transformers\ntags: [ppft]\n---\n\n"
+        f"Full weights fine-tuned with ppft from `{base_ref}`. "
+        "Load with `AutoModelForCausalLM.from_pretrained(<this folder>)`.\n"
+    )
+
+
 def quiet_transformers() -> None:
     """No per-shard progress bars or deprecation chatter from transformers inside our own progress display."""
     import warnings

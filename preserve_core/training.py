@@ -25,7 +25,7 @@ from .errors import PPFTError, RecipeError, TrainingDiverged
 from .guards import all_finite, optimizer_tensors
 from .methods import METHODS, MethodContext
 from .methods.base import unwrap_model
-from .models import load_model, load_tokenizer, model_fingerprint, resolve_target_modules
+from .models import load_model, load_tokenizer, model_fingerprint, resolve_target_modules, write_model_card
 from .progress import TrainingProgress
 from .runlock import run_lock
 from .runs import MetricsLog, prepare_run_dir, write_manifest
@@ -181,6 +181,9 @@ def export_final(recipe, accelerator, method, model, tokenizer) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         method.export(unwrap_model(model), tmp, tokenizer, recipe.output.merge)
+        for folder in (tmp, tmp / "merged"):  # full weights: say which base they came from
+            if (folder / "config.json").exists():
+                write_model_card(folder, method.base_ref)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     accelerator.wait_for_everyone()

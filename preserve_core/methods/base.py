@@ -130,6 +130,13 @@ class Method:
         return None
 
     # -- output ---------------------------------------------------------------------------------
+    @property
+    def base_ref(self) -> str:
+        """The base model as exports record it (``base_model_name_or_path``): loadable by ``from_pretrained``."""
+        from ..models import base_model_reference
+
+        return base_model_reference(self.ctx.recipe.model.name_or_path)
+
     def export(self, model: nn.Module, out_dir: Path, tokenizer, merge: bool) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)

@@ -246,8 +246,7 @@ class Folora(Method):
 
     def export(self, model: nn.Module, out_dir: Path, tokenizer, merge: bool) -> None:
         """A stock PEFT adapter in ``out_dir``; with ``merge`` also full weights ``W + dW`` in ``out_dir/merged``."""
-        base_name = getattr(model, "name_or_path", None) or self.ctx.recipe.model.name_or_path
-        save_lora_factors_as_peft(out_dir, model, self.lora_factors(), tokenizer, base_name)
+        save_lora_factors_as_peft(out_dir, model, self.lora_factors(), tokenizer, self.base_ref)
         if merge:
             with plain_linears(model, self.wrappers, merge=True):
                 model.save_pretrained(out_dir / "merged", safe_serialization=True)

@@ -128,7 +128,7 @@ class Fora(Method):
             save_merged(model, self.layers, out_dir, tokenizer)
             return
         factors = {name: layer.update_factors() for name, layer in self.layers.items()}
-        save_lora_factors_as_peft(out_dir, model, factors, tokenizer, self.ctx.recipe.model.name_or_path)
+        save_lora_factors_as_peft(out_dir, model, factors, tokenizer, self.base_ref)
         if merge:
             save_merged(model, self.layers, out_dir / "merged", tokenizer)
 

@@ -77,7 +77,7 @@ class FormMethod(Method):
 
     def export(self, model: nn.Module, out_dir: Path, tokenizer, merge: bool) -> None:
         if self.options.form == "lora":
-            export_peft(model, out_dir, tokenizer, merge)
+            export_peft(model, out_dir, tokenizer, merge, self.base_ref)
         else:
             super().export(model, out_dir, tokenizer, merge)
 

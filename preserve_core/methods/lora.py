@@ -33,8 +33,14 @@ def lora_config(options, target_modules: list[str], **extra) -> LoraConfig:
     )
 
 
-def export_peft(model: nn.Module, out_dir: Path, tokenizer, merge: bool) -> None:
-    """Save a PEFT model as a stock adapter in ``out_dir``; with ``merge`` also full weights in ``out_dir/merged``."""
+def export_peft(model: nn.Module, out_dir: Path, tokenizer, merge: bool, base_ref: str) -> None:
+    """Save a PEFT model as a stock adapter in ``out_dir``; with ``merge`` also full weights in ``out_dir/merged``.
+
+    ``base_ref`` is recorded as the adapter's ``base_model_name_or_path`` (what
+    ``AutoPeftModelForCausalLM.from_pretrained(out_dir)`` loads the base from).
+    """
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_ref
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     if merge:
@@ -52,4 +58,4 @@ class Lora(Method):
         return get_peft_model(model, lora_config(self.options, self.ctx.target_modules))
 
     def export(self, model: nn.Module, out_dir: Path, tokenizer, merge: bool) -> None:
-        export_peft(model, out_dir, tokenizer, merge)
+        export_peft(model, out_dir, tokenizer, merge, self.base_ref)

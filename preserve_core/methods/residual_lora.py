@@ -53,7 +53,7 @@ class ResidualLora(Method):
 
     def export(self, model: nn.Module, out_dir: Path, tokenizer, merge: bool) -> None:
         inner = model.base_model.model
-        save_lora_factors_as_peft(out_dir, inner, self.delta_factors(), tokenizer, self.ctx.recipe.model.name_or_path)
+        save_lora_factors_as_peft(out_dir, inner, self.delta_factors(), tokenizer, self.base_ref)
         if merge:
             merged = model.merge_and_unload()
             merged.save_pretrained(out_dir / "merged", safe_serialization=True)
