@@ -445,3 +445,20 @@ def test_lm_eval_kind_without_lm_eval_says_how_to_install(model, tok, monkeypatc
     task = EvalTask(name="lm", kind="lm_eval", lm_eval_tasks=["anything"])
     with pytest.raises(RecipeError, match=r"pip install 'ppft\[lmeval\]'"):
         run_task(model, tok, task, batch_size=2)
+
+
+def test_lm_eval_sees_the_lab_prompts_with_one_bos_as_ppft_does():
+    """lm-eval tokenizes with the tokenizer's own special tokens: the lab's post-processor adds ``<s>`` once,
+    giving exactly ppft's ``[bos] + prompt`` (for a single prompt, a batch and a context/continuation pair)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from preserve_core.evaluation.rows import encode_plain, encode_prompt
+    from preserve_core.lab.tokenizer import build_tokenizer
+    from tests.conftest import build_tiny_llama
+
+    tok = build_tokenizer()
+    lm = HFLM(pretrained=build_tiny_llama(len(tok)), tokenizer=tok, batch_size=2)
+    assert lm.tok_encode("rev:abc=") == encode_prompt(tok, "rev:abc=") == [1, *encode_plain(tok, "rev:abc=")]
+    assert lm.tok_batch_encode(["rev:abc="])[0].tolist() == [encode_prompt(tok, "rev:abc=")]
+    assert lm._encode_pair("rev:abc=", "cba") == (encode_prompt(tok, "rev:abc="), encode_plain(tok, "cba"))

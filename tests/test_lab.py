@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -69,6 +70,56 @@ def test_tokenizer_round_trips_through_autotokenizer(tmp_path):
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
 
 
+def test_tokenizer_adds_bos_like_llama_once(tmp_path):
+    """Plain ``tok(text)`` is ``[<s>] + characters``; ``add_special_tokens=False`` the characters alone."""
+    from transformers import AutoTokenizer
+
+    build_tokenizer().save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    bare = [5 + "abcdefghijklmnopqrstuvwxyz".index(c) - 1 for c in "rev"]  # ids 4.. are a, b, c, ...
+    assert tok("rev")["input_ids"] == [1, *bare] and tok("rev", add_special_tokens=False)["input_ids"] == bare
+    assert tok.decode(tok("rev")["input_ids"], skip_special_tokens=True) == "rev"
+
+
+def plain_generate(model_dir, prompts: list[str]) -> list[str]:
+    """What a user without ppft does: ``tok(prompt)`` and greedy ``generate``, one prompt at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt")
+        new = model.generate(**ids, max_new_tokens=16, do_sample=False)[0, ids["input_ids"].shape[1] :]
+        out.append(tok.decode(new, skip_special_tokens=True))
+    return out
+
+
+def test_plain_generate_sees_what_ppft_sees_even_on_an_old_build(lab_home):
+    """A build from before the BOS post-processor gets the new tokenizer on first use, weights untouched;
+    then plain ``tok(prompt)`` + ``generate`` continues every prompt exactly as ppft's evaluation does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preserve_core.evaluation.generation import greedy_generate
+    from preserve_core.evaluation.rows import encode_prompt
+
+    model_dir = build_lab("micro") / "model"
+    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
+    tokenizer_json["post_processor"] = None  # what builds before the fix saved
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    weights = (model_dir / "model.safetensors").read_bytes()
+    assert resolve_model_ref("lab:micro") == str(model_dir)
+    assert (model_dir / "model.safetensors").read_bytes() == weights
+    rows = [json.loads(line) for line in open(resolve_data_ref("lab:reverse", "eval", "micro"))][:12]
+    prompts = [r["prompt"] for r in rows]
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ppft = greedy_generate(model, tok, [encode_prompt(tok, p) for p in prompts], 16, [], batch_size=4)
+    assert plain_generate(model_dir, prompts) == ppft
+    bare = [tok.decode(model.generate(input_ids=torch.tensor([tok(p, add_special_tokens=False)["input_ids"]]),
+                                      max_new_tokens=16, do_sample=False)[0, len(p):], skip_special_tokens=True)
+            for p in prompts]  # fmt: skip
+    assert bare != ppft  # without <s> the model answers differently: the check above can fail
+
+
 def test_micro_build_is_cached_atomic_and_loads_like_a_hub_model(lab_home):
     from transformers import AutoModelForCausalLM
 
@@ -121,6 +172,16 @@ def test_tiny_lab_meets_its_targets():
     card = json.loads((build_lab("tiny") / "card.json").read_text())
     assert all(card["accuracy"][s] >= 0.95 for s in PRETRAIN_SKILLS), card["accuracy"]
     assert all(card["accuracy"][s] <= 0.05 for s in NEW_SKILLS), card["accuracy"]
+
+
+@pytest.mark.slow
+def test_tiny_lab_reverse_with_plain_transformers_scores_as_ppft():
+    """The issue's check: plain ``tok(prompt)`` + ``generate`` on the base model's reverse skill."""
+    card = json.loads((build_lab("tiny") / "card.json").read_text())
+    rows = [json.loads(line) for line in open(resolve_data_ref("lab:reverse", "eval"))]
+    texts = plain_generate(build_path("tiny") / "model", [r["prompt"] for r in rows])
+    score = sum(t == r["completion"] for t, r in zip(texts, rows, strict=True)) / len(rows)
+    assert score == card["accuracy"]["reverse"] and score >= 0.95
 
 
 @pytest.mark.slow

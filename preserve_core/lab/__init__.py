@@ -12,7 +12,7 @@ import difflib
 import sys
 
 from ..errors import RecipeError
-from .build import build_lab, build_path, data_dir, ensure_data, is_built, lab_home, preset, read_card, skill_accuracy, write_preserve_mix_eval
+from .build import build_lab, build_path, data_dir, ensure_data, is_built, lab_home, preset, read_card, skill_accuracy, upgrade_tokenizer, write_preserve_mix_eval
 from .config import LAB_VERSION, PRESETS, LabConfig
 from .skills import NEW_SKILLS, PRETRAIN_SKILLS, SKILLS
 
@@ -29,7 +29,9 @@ def resolve_model_ref(ref: str) -> str:
     size = ref.removeprefix("lab:")
     if size not in PRESETS:
         raise RecipeError(f"unknown lab model '{ref}'.{_suggest(size, list(PRESETS))} Available: {', '.join('lab:' + s for s in PRESETS)}.")
-    if not is_built(size):
+    if is_built(size):
+        upgrade_tokenizer(build_path(size))
+    else:
         from rich.console import Console
 
         Console(stderr=True).print(f"[bold]Building the lab model '{size}'[/] (once; cached in {lab_home()}) ...")

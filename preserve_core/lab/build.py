@@ -116,11 +116,34 @@ def build_lab(size: str = "tiny", seed: int = 0, force: bool = False, on_step: C
     """Pretrain (or reuse) the lab model of ``size``; returns the build folder. ``on_step(step, total, loss)``."""
     cfg, final = preset(size), build_path(size, seed)
     if (final / "card.json").exists() and not force:
-        return final
+        return upgrade_tokenizer(final)
     with build_lock(final):  # other processes (ranks of one launch, parallel runs) wait for this build
         if (final / "card.json").exists() and not force:
-            return final
+            return upgrade_tokenizer(final)
         return _build(cfg, seed, final, force, on_step)
+
+
+def upgrade_tokenizer(final: Path) -> Path:
+    """Give a cached build made before the BOS post-processor the current tokenizer; weights stay.
+
+    The model never changes: only ``tokenizer.json`` / ``tokenizer_config.json`` are rewritten, each
+    replaced by an atomic rename, under the build lock. Returns ``final``.
+    """
+    from .tokenizer import adds_bos, build_tokenizer
+
+    model_dir = final / "model"
+    if adds_bos(model_dir):
+        return final
+    with build_lock(final):
+        if adds_bos(model_dir):
+            return final
+        tmp = final / f".tmp-tokenizer-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tokenizer().save_pretrained(tmp)
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name == "tokenizer.json"):  # the one adds_bos reads: last
+            path.replace(model_dir / path.name)
+        tmp.rmdir()
+    return final
 
 
 @contextlib.contextmanager
