@@ -16,12 +16,17 @@ def calibrate(
     set_: SetOpt = [],  # noqa: B006
     output_dir: OutputDirOpt = None,
     force: bool = typer.Option(False, "--force", help="Recompute even when matching calibration output exists."),
+    summary: bool = typer.Option(
+        False, "--summary", help="Also compute C_p and C_t (if the method reads neither) and print their effective ranks "
+        "(one eigendecomposition per layer input: slow at real widths)."
+    ),
     debug: DebugOpt = False,
 ) -> None:
-    """Sample (or read) preserve data, collect C_p / C_t for every target layer, save to the calibration folder."""
+    """Sample (or read) preserve data, collect the statistics the method reads (C_p and/or C_t per distinct
+    target-layer input), save to the calibration folder."""
 
     def run():
-        from preserve_core.calibration import ensure_calibration, summary_rows
+        from preserve_core.calibration import ensure_calibration, stats_needed, summary_rows
         from preserve_core.methods import METHODS
         from preserve_core.models import load_model, load_tokenizer
         from preserve_core.recipe import load_recipe
@@ -31,15 +36,16 @@ def calibrate(
         accelerator = make_accelerator(resolved)
         tokenizer = load_tokenizer(resolved.model)
         model = load_model(resolved.model, accelerator.device)
-        cal = ensure_calibration(resolved, model, tokenizer, METHODS[resolved.method.name], accelerator, force=force)
+        method_cls = METHODS[resolved.method.name]
+        stats = ["preserve", "task"] if summary else stats_needed(method_cls, resolved.method)
+        cal = ensure_calibration(resolved, model, tokenizer, method_cls, accelerator, force=force, stats=stats)
         if accelerator.is_main_process:
-            console.print(summary_table(summary_rows(cal, device=accelerator.device)))
+            if summary:
+                console.print(summary_table(summary_rows(cal, device=accelerator.device)))
             state = "up to date, reused (--force recomputes)" if cal.reused else "written"
             counts = cal.token_counts()
-            console.print(
-                f"[green]{state}[/]: {cal.dir} ({len(cal.preserve_texts)} preserve texts, "
-                f"{counts['preserve']} preserve tokens, {counts['task']} task tokens)"
-            )
+            held = ", ".join(f"{counts[w]} {w} tokens" for w in cal.stats()) or "no statistics: the method reads none"
+            console.print(f"[green]{state}[/]: {cal.dir} ({len(cal.preserve_texts)} preserve texts; {held})")
 
     guarded(run, debug)
 
@@ -65,7 +71,11 @@ def summary_table(rows: list[dict]) -> Table:
         table.add_column(column, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(
-            r["key"][len(prefix) :], str(r["dim"]), str(r["tokens_p"]), "/".join(map(str, r["ranks_p"])),
-            str(r["tokens_t"]), "/".join(map(str, r["ranks_t"])),
+            r["key"][len(prefix) :], str(r["dim"]), str(r["tokens_p"] or "-"), _ranks(r["ranks_p"]),
+            str(r["tokens_t"] or "-"), _ranks(r["ranks_t"]),
         )
     return table
+
+
+def _ranks(ranks: list[int] | None) -> str:
+    return "/".join(map(str, ranks)) if ranks is not None else "-"

@@ -24,9 +24,10 @@ from preserve_core.calibration import (
 )
 from preserve_core.calibration.layout import discover_layout, group_key
 from preserve_core.calibration.sampling import degenerate_reason, sample_preserve_texts
-from preserve_core.calibration.stats import add_gram_upper, fill_lower
+from preserve_core.calibration.stats import add_gram_upper, fill_lower, pack_upper, unpack_symmetric
 from preserve_core.errors import PPFTError, RecipeError
 from preserve_core.methods import METHODS
+from preserve_core.methods.base import PRESERVE_STATS, TASK_STATS
 from preserve_core.methods.lora import Lora
 from preserve_core.models import resolve_target_modules
 from preserve_core.recipe import load_recipe
@@ -169,6 +170,21 @@ def test_blocked_upper_gram_equals_full_product(blocks):
     torch.testing.assert_close(fill_lower(acc).double(), full.T @ full, rtol=1e-5, atol=1e-4)
 
 
+def test_packed_triangle_round_trip_and_fill_lower():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 7, generator=g)
+    full = x.T @ x
+    packed = pack_upper(full)
+    # by hand: row i of the upper triangle is full[i, i:], rows concatenated
+    expected = torch.cat([full[i, i:] for i in range(7)])
+    assert packed.shape == (7 * 8 // 2,) and torch.equal(packed, expected)
+    assert torch.equal(unpack_symmetric(packed, 7), torch.triu(full) + torch.triu(full, 1).T)
+    garbage_below = torch.triu(full) + torch.tril(torch.full((7, 7), 99.0), -1)
+    assert torch.equal(fill_lower(garbage_below), torch.triu(full) + torch.triu(full, 1).T)
+    with pytest.raises(ValueError, match="width 6"):
+        unpack_symmetric(packed, 6)
+
+
 def test_group_key_and_effective_ranks():
     assert group_key(["a.b.q", "a.b.k"]) == "a.b.{q,k}"
     assert group_key(["x.y"]) == "x.y"
@@ -237,9 +253,10 @@ def test_sampling_filter_drops_and_reports(model_and_tokenizer):
 # the calibration folder
 # ---------------------------------------------------------------------------------------------
 class ExtraLora(Lora):
-    """A method with its own calibration extras (stands in for EWC / KL)."""
+    """A method with its own calibration extras (stands in for EWC / KL) that reads C_p and C_t."""
 
     name = "extra_lora"
+    needs = frozenset({PRESERVE_STATS, TASK_STATS})
 
     @classmethod
     def calibrate_extra(cls, model, tokenizer, preserve_texts, recipe):
@@ -275,6 +292,34 @@ def test_run_save_load_and_reuse(write_recipe, model_and_tokenizer):
     assert ensure_calibration(recipe, model, tokenizer, ExtraLora).reused
     changed = load_recipe(write_recipe(calibration={**FAST, "seed": 3}))
     assert not ensure_calibration(changed, model, tokenizer, ExtraLora).reused
+
+
+class PreserveOnly(Lora):
+    """Reads C_p only (as FORA does)."""
+
+    name = "preserve_only"
+    needs = frozenset({PRESERVE_STATS})
+
+
+def test_only_the_statistics_a_method_reads_are_stored_and_missing_ones_added(write_recipe, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    recipe = load_recipe(write_recipe(calibration=FAST))
+    cal = run_calibration(recipe, model, tokenizer, PreserveOnly)
+    assert cal.stats() == ["preserve"] and not (cal.dir / "task_stats.safetensors").exists()
+    q = "model.layers.0.self_attn.q_proj"
+    stored = load_file(cal.dir / "preserve_stats.safetensors")[cal.input_key(q)]
+    assert stored.shape == (32 * 33 // 2,)  # the upper triangle only
+    with pytest.raises(PPFTError, match="no task statistics"):
+        cal.task_cov(q)
+    assert cal.token_counts().keys() == {"preserve"}
+    # a method that also reads C_t reuses the folder and adds C_t in place, equal to a fresh run's
+    added = ensure_calibration(recipe, model, tokenizer, ExtraLora)
+    assert added.reused and added.stats() == ["preserve", "task"]
+    assert torch.equal(added.preserve_cov(q), cal.preserve_cov(q))
+    fresh = run_calibration(load_recipe(write_recipe("fresh", calibration=FAST)), model, tokenizer, ExtraLora)
+    torch.testing.assert_close(added.task_cov(q), fresh.task_cov(q), rtol=0, atol=0)
+    assert added.token_counts() == fresh.token_counts()
+    assert run_calibration(recipe, model, tokenizer, Lora).stats() == []  # plain LoRA reads none
 
 
 def test_fingerprint_mismatch_is_refused(write_recipe, model_and_tokenizer, tiny_model_dir):
@@ -333,11 +378,12 @@ def test_dataset_source_and_all_task_positions(write_recipe, model_and_tokenizer
     data = tmp_path / "preserve.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     cfg = {**FAST, "preserve_source": "dataset", "preserve_data": str(data), "num_samples": 2}
-    loss = run_calibration(load_recipe(write_recipe("a", calibration=cfg)), model, tokenizer, Lora)
+    both = ["preserve", "task"]
+    loss = run_calibration(load_recipe(write_recipe("a", calibration=cfg)), model, tokenizer, Lora, stats=both)
     assert loss.preserve_texts == ["abc def", "hello world"]
     assert loss.token_counts()["preserve"] == (1 + 7) + (1 + 11)  # [bos] + characters, no eos
     everything = run_calibration(
-        load_recipe(write_recipe("b", calibration={**cfg, "task_positions": "all"})), model, tokenizer, Lora
+        load_recipe(write_recipe("b", calibration={**cfg, "task_positions": "all"})), model, tokenizer, Lora, stats=both
     )
     assert everything.token_counts()["task"] > loss.token_counts()["task"]
 
@@ -352,7 +398,7 @@ def test_cli_calibrate_writes_then_reuses(write_recipe):
     app.command("noop")(lambda: None)
     path = write_recipe(calibration=FAST)
     runner = CliRunner()
-    first = runner.invoke(app, ["calibrate", str(path), "--set", "calibration.seed=5"])
+    first = runner.invoke(app, ["calibrate", str(path), "--set", "calibration.seed=5", "--summary"])
     assert first.exit_code == 0, first.output
     assert "rank C_p" in first.output and "written" in first.output
     second = runner.invoke(app, ["calibrate", str(path), "--set", "calibration.seed=5"])
@@ -368,6 +414,7 @@ SCRIPT = """
 import sys, torch
 from accelerate import Accelerator
 from preserve_core.calibration import run_calibration
+from preserve_core.methods.base import PRESERVE_STATS, TASK_STATS
 from preserve_core.methods.lora import Lora
 from preserve_core.models import load_model, load_tokenizer
 from preserve_core.recipe import load_recipe
@@ -375,7 +422,7 @@ from preserve_core.recipe import load_recipe
 recipe = load_recipe(sys.argv[1], [f"calibration.dir={sys.argv[2]}"])
 accelerator = Accelerator(cpu=True)
 model = load_model(recipe.model, accelerator.device).eval()
-run_calibration(recipe, model, load_tokenizer(recipe.model), Lora, accelerator)
+run_calibration(recipe, model, load_tokenizer(recipe.model), Lora, accelerator, stats=["preserve", "task"])
 accelerator.wait_for_everyone()
 accelerator.end_training()
 """

@@ -5,7 +5,7 @@ Preserve data (samples of the model itself, or user text), the uncentred input s
 See docs/calibration.md.
 """
 
-from .pipeline import ensure_calibration, load_calibration, run_calibration
+from .pipeline import ensure_calibration, load_calibration, run_calibration, stats_needed
 from .stats import collect_input_stats, token_mask
 from .store import Calibration
 from .summary import effective_ranks, summary_rows
@@ -17,6 +17,7 @@ __all__ = [
     "ensure_calibration",
     "load_calibration",
     "run_calibration",
+    "stats_needed",
     "summary_rows",
     "token_mask",
 ]

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..data import load_rows
 from ..errors import PPFTError, RecipeError
-from ..models import model_fingerprint
+from ..models import model_fingerprint, resolve_target_modules
 from .batches import encode_preserve_text, preserve_batches, task_batches
 from .dist import Dist
 from .identity import calibration_identity, same_identity
 from .sampling import sample_preserve_texts
-from .stats import InputStats, accumulate_input_stats
+from .layout import InputLayout, discover_layout
+from .stats import accumulate_input_stats, input_dims
 from .store import (
     EXTRAS,
     FORMAT,
@@ -64,42 +66,91 @@ def _texts_sha256(texts: list[str]) -> str:
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()
 
 
-def build_manifest(identity: dict, texts: list[str], n_task: int, stats: dict[str, InputStats], dist: Dist) -> dict:
-    layout = stats["preserve"].layout
-    dims = {k: int(stats["preserve"].sums[k].shape[0]) for k in layout.keys}
+STATS = ("preserve", "task")
+_NEED_OF = {"preserve": "preserve_stats", "task": "task_stats"}  # methods.base PRESERVE_STATS / TASK_STATS
+
+
+def stats_needed(method_cls, options) -> list[str]:
+    """The statistics (``preserve``: C_p, ``task``: C_t) the configured method reads, in that order."""
+    needs = method_cls.needs_for(options)
+    return [which for which in STATS if _NEED_OF[which] in needs]
+
+
+def _counts_section(counts: dict[str, dict[str, int]], keys: list[str], n_task: int | None, n_texts: int) -> dict:
+    """``counts[which][key]`` = tokens -> the manifest's ``counts`` (only the statistics present)."""
+    return {
+        "tokens": {which: min(c.values()) for which, c in counts.items()},
+        "per_key": {k: {which: c[k] for which, c in counts.items()} for k in keys},
+        "preserve_texts": n_texts,
+        "task_examples": n_task,
+    }
+
+
+def build_manifest(identity: dict, texts: list[str], n_task: int | None, result: "StatsResult", dist: Dist) -> dict:
+    layout = result.layout
     return {
         "format": FORMAT,
         "version": VERSION,
         **{k: identity[k] for k in ("model_fingerprint", "settings_hash", "data_hash")},
         "settings": identity["settings"],
         "data": {**identity["data"], "preserve_texts_sha256": _texts_sha256(texts)},
-        "counts": {
-            "tokens": {which: min(s.counts.values()) for which, s in stats.items()},
-            "per_key": {k: {which: s.counts[k] for which, s in stats.items()} for k in layout.keys},
-            "preserve_texts": len(texts),
-            "task_examples": n_task,
-        },
+        "counts": _counts_section(result.counts, layout.keys, n_task, len(texts)),
+        "stats": sorted(result.counts),
         "module_to_key": layout.module_to_key,
-        "keys": {k: {"dim": dims[k], "modules": [m for m, mk in layout.module_to_key.items() if mk == k]} for k in layout.keys},
+        "keys": {
+            k: {"dim": result.dims[k], "modules": [m for m, mk in layout.module_to_key.items() if mk == k]}
+            for k in layout.keys
+        },
         "extras": [],
         "num_processes": dist.world,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def _check_counts(stats: dict[str, InputStats]) -> None:
-    for which, s in stats.items():
-        empty = [k for k, n in s.counts.items() if n == 0]
-        if empty:
-            hint = " (no loss positions? try calibration.task_positions: all)" if which == "task" else ""
-            raise PPFTError(f"{which} statistics saw no tokens for {empty[:3]}{hint}")
+def _check_counts(which: str, counts: dict[str, int]) -> None:
+    empty = [k for k, n in counts.items() if n == 0]
+    if empty:
+        hint = " (no loss positions? try calibration.task_positions: all)" if which == "task" else ""
+        raise PPFTError(f"{which} statistics saw no tokens for {empty[:3]}{hint}")
 
 
-def _write(directory: Path, manifest: dict, preserve: tuple, stats: dict[str, InputStats], extras: dict) -> None:
+@dataclass
+class StatsResult:
+    """The statistics of one calibration: ``covs[which][key]`` packed upper triangles of ``C`` (float32,
+    CPU; only on the writing rank), ``counts[which][key]`` tokens, the layout and the input widths."""
+
+    layout: InputLayout
+    dims: dict[str, int]
+    covs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    n_task: int | None = None
+
+
+def compute_stats(recipe, model: nn.Module, tokenizer, sequences: list[list[int]], which: list[str], dist: Dist) -> StatsResult:
+    """C_p (preserve ``sequences``, every token) and/or C_t (task examples, ``task_positions``), one after
+    the other: each statistic's [n, n] sums leave the device (packed, to the CPU) before the next starts."""
+    cfg = recipe.calibration
+    targets = resolve_target_modules(model, recipe.model.target_modules)
+    layout = discover_layout(model, targets, next(model.parameters()).device)
+    result = StatsResult(layout, input_dims(model, layout))
+    for w in which:
+        if w == "preserve":
+            batches, positions = preserve_batches(sequences, tokenizer, recipe.data.max_length, cfg.stats_batch_size), "all"
+        else:
+            (batches, result.n_task), positions = task_batches(recipe, tokenizer), cfg.task_positions
+        stats = accumulate_input_stats(model, targets, batches, positions, dist)
+        _check_counts(w, stats.counts)
+        result.counts[w] = stats.counts
+        result.covs[w] = stats.pop_packed_covs("cpu") if dist.is_main else {}
+        del stats
+    return result
+
+
+def _write(directory: Path, manifest: dict, preserve: tuple, result: StatsResult, extras: dict) -> None:
     def fill(tmp: Path) -> None:
         write_texts(tmp, *preserve)
-        for which, s in stats.items():
-            save_tensors(tmp / STATS_FILES[which], s.into_covs())
+        for which, covs in result.covs.items():
+            save_tensors(tmp / STATS_FILES[which], covs)
         for name, tensors in extras.items():
             save_tensors(tmp / EXTRAS / f"{name}.safetensors", tensors)
         write_json(tmp / MANIFEST, {**manifest, "extras": sorted(extras)})
@@ -107,32 +158,20 @@ def _write(directory: Path, manifest: dict, preserve: tuple, stats: dict[str, In
     replace_dir_atomically(directory, fill)
 
 
-def _compute(recipe, model: nn.Module, tokenizer, dist: Dist, identity: dict):
-    """Preserve texts and both statistics (every rank takes part and gets the reduced result)."""
-    cfg = recipe.calibration
-    texts, ids, sidecar = preserve_data(recipe, model, tokenizer, dist, identity["model_fingerprint"])
-    sequences = ids if ids is not None else [encode_preserve_text(tokenizer, t, recipe.data.max_length) for t in texts]
-    targets = identity["settings"]["target_modules"]
-    batches = preserve_batches(sequences, tokenizer, recipe.data.max_length, cfg.stats_batch_size)
-    stats = {"preserve": accumulate_input_stats(model, targets, batches, "all", dist)}
-    batches, n_task = task_batches(recipe, tokenizer)
-    stats["task"] = accumulate_input_stats(model, targets, batches, cfg.task_positions, dist)
-    _check_counts(stats)
-    return (texts, ids, sidecar), stats, n_task
-
-
-def _run(recipe, model: nn.Module, tokenizer, method_cls, dist: Dist, identity: dict) -> Calibration:
+def _run(recipe, model: nn.Module, tokenizer, method_cls, dist: Dist, identity: dict, which: list[str]) -> Calibration:
     directory = recipe.calibration_dir()
     was_training = model.training
     model.eval()
     error = None
     try:
-        preserve, stats, n_task = _compute(recipe, model, tokenizer, dist, identity)
+        texts, ids, sidecar = preserve_data(recipe, model, tokenizer, dist, identity["model_fingerprint"])
+        sequences = ids if ids is not None else [encode_preserve_text(tokenizer, t, recipe.data.max_length) for t in texts]
+        result = compute_stats(recipe, model, tokenizer, sequences, which, dist)
         if dist.is_main:
             try:
-                extras = {method_cls.name: method_cls.calibrate_extra(model, tokenizer, preserve[0], recipe)}
-                manifest = build_manifest(identity, preserve[0], n_task, stats, dist)
-                _write(directory, manifest, preserve, stats, extras)
+                extras = {method_cls.name: method_cls.calibrate_extra(model, tokenizer, texts, recipe)}
+                manifest = build_manifest(identity, texts, result.n_task, result, dist)
+                _write(directory, manifest, (texts, ids, sidecar), result, extras)
             except BaseException as e:  # every rank must hear of it, or the others wait forever
                 error = e
     finally:
@@ -141,14 +180,26 @@ def _run(recipe, model: nn.Module, tokenizer, method_cls, dist: Dist, identity: 
     return Calibration(directory, read_manifest(directory))
 
 
-def run_calibration(recipe, model: nn.Module, tokenizer, method_cls, accelerator=None) -> Calibration:
+def run_calibration(
+    recipe, model: nn.Module, tokenizer, method_cls, accelerator=None, stats: list[str] | None = None
+) -> Calibration:
     """Compute and save calibration into ``recipe.calibration_dir()`` (replacing what is there).
 
     ``model`` is the unwrapped base model (before ``prepare_model``), on its device. With an
     ``accelerator``, sampling and statistics are sharded over its processes and only rank 0 writes.
+    ``stats``: which of ``preserve`` (C_p) / ``task`` (C_t) to compute; default: what the recipe's
+    method reads (:func:`stats_needed`), nothing more.
     """
     dist = Dist(accelerator)
-    return _run(recipe, model, tokenizer, method_cls, dist, calibration_identity(recipe, model, tokenizer))
+    which = _ordered(stats if stats is not None else stats_needed(method_cls, recipe.method))
+    return _run(recipe, model, tokenizer, method_cls, dist, calibration_identity(recipe, model, tokenizer), which)
+
+
+def _ordered(which) -> list[str]:
+    unknown = set(which) - set(STATS)
+    if unknown:
+        raise PPFTError(f"unknown calibration statistics {sorted(unknown)}; choose from {list(STATS)}")
+    return [w for w in STATS if w in which]
 
 
 def load_calibration(recipe, model: nn.Module) -> Calibration:
@@ -198,14 +249,56 @@ def _add_missing_extra(cal: Calibration, model: nn.Module, tokenizer, method_cls
     return Calibration(cal.dir, read_manifest(cal.dir))
 
 
-def ensure_calibration(recipe, model: nn.Module, tokenizer, method_cls, accelerator=None, force: bool = False) -> Calibration:
+def ensure_calibration(
+    recipe, model: nn.Module, tokenizer, method_cls, accelerator=None, force: bool = False, stats: list[str] | None = None
+) -> Calibration:
     """Reuse ``recipe.calibration_dir()`` when it matches (same model fingerprint, settings hash and
-    data hash); otherwise (or with ``force``) compute it afresh. ``.reused`` tells which happened."""
+    data hash), adding the statistics and extras it lacks; otherwise (or with ``force``) compute it
+    afresh. ``stats`` as in :func:`run_calibration`. ``.reused`` tells which happened."""
     dist = Dist(accelerator)
     identity = calibration_identity(recipe, model, tokenizer)
+    which = _ordered(stats if stats is not None else stats_needed(method_cls, recipe.method))
     manifest = read_manifest(recipe.calibration_dir())
     if not force and manifest is not None and manifest.get("version") == VERSION and same_identity(manifest, identity):
-        cal = _add_missing_extra(Calibration(recipe.calibration_dir(), manifest), model, tokenizer, method_cls, recipe, dist)
+        cal = Calibration(recipe.calibration_dir(), manifest)
+        cal = _add_missing_stats(cal, model, tokenizer, recipe, which, dist)
+        cal = _add_missing_extra(cal, model, tokenizer, method_cls, recipe, dist)
         cal.reused = True
         return cal
-    return _run(recipe, model, tokenizer, method_cls, dist, identity)
+    return _run(recipe, model, tokenizer, method_cls, dist, identity, which)
+
+
+def _add_missing_stats(cal: Calibration, model: nn.Module, tokenizer, recipe, which: list[str], dist: Dist) -> Calibration:
+    """Reused output without some statistic the method reads: compute it from the stored preserve
+    tokens / the task data and add it in place (file first, then the manifest)."""
+    missing = [w for w in which if w not in cal.stats()]
+    if not missing:
+        return cal
+    was_training = model.training
+    model.eval()
+    error = None
+    try:
+        sequences = cal.preserve_sequences(tokenizer, recipe.data.max_length)
+        result = compute_stats(recipe, model, tokenizer, sequences, missing, dist)
+        if dist.is_main:
+            try:
+                _add_stats_files(cal, result)
+            except BaseException as e:
+                error = e
+    finally:
+        model.train(was_training)
+    dist.broadcast_error(error)
+    return Calibration(cal.dir, read_manifest(cal.dir))
+
+
+def _add_stats_files(cal: Calibration, result: StatsResult) -> None:
+    for which, covs in result.covs.items():
+        final = cal.dir / STATS_FILES[which]
+        tmp = final.with_name(f".{final.name}.tmp")
+        save_tensors(tmp, covs)
+        tmp.replace(final)
+    old = cal.manifest["counts"]
+    counts = {w: {k: n[w] for k, n in old["per_key"].items()} for w in cal.stats()} | result.counts
+    n_task = result.n_task if result.n_task is not None else old.get("task_examples")
+    section = _counts_section(counts, cal.keys(), n_task, old["preserve_texts"])
+    write_json(cal.dir / MANIFEST, {**cal.manifest, "counts": section, "stats": sorted(counts)})

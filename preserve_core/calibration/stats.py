@@ -54,20 +54,30 @@ def token_mask(batch: dict[str, torch.Tensor], positions: str) -> torch.Tensor:
 class InputStats:
     """Summed second moments per input key, reduced over ranks.
 
-    sums[key]: float32 [n, n] = sum_i x_i x_i^T (symmetric); counts[key]: N, the tokens summed.
+    sums[key]: float32 [n, n] whose upper triangle (diagonal included) holds ``sum_i x_i x_i^T``
+    (below it: unspecified until :func:`fill_lower`); counts[key]: N, the tokens summed.
     """
 
     layout: InputLayout
     sums: dict[str, torch.Tensor]
     counts: dict[str, int]
 
-    def cov(self, key: str) -> torch.Tensor:
-        """``C = S / N`` (float32 [n, n]; zeros when N == 0)."""
-        return self.sums[key] / max(self.counts[key], 1)
+    def dims(self) -> dict[str, int]:
+        return {k: int(self.sums[k].shape[0]) for k in self.layout.keys}
 
     def into_covs(self) -> dict[str, torch.Tensor]:
-        """``{key: C}``, dividing the sums in place (no second matrix; the sums are gone after)."""
-        return {k: self.sums[k].div_(max(self.counts[k], 1)) for k in self.layout.keys}
+        """``{key: C}`` (full symmetric [n, n]), dividing the sums in place; the sums are gone after."""
+        return {k: fill_lower(self.sums[k]).div_(max(self.counts[k], 1)) for k in self.layout.keys}
+
+    def pop_packed_covs(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """``{key: upper triangle of C, packed}`` (float32 [n (n + 1) / 2], on ``device``), one key at
+        a time: each [n, n] sum is freed as soon as it is packed, so the peak is one extra triangle."""
+        packed = {}
+        for key in self.layout.keys:
+            total = self.sums.pop(key)
+            packed[key] = pack_upper(total).div_(max(self.counts[key], 1)).to(device)
+            del total
+        return packed
 
 
 class _StopForward(Exception):
@@ -110,16 +120,24 @@ class _Accumulator:
         return False
 
 
-GRAM_BLOCKS = 4  # row blocks of the upper-triangular Gram update (1: one full matmul)
+GRAM_BLOCK_ROWS = 512  # rows per block of the upper-triangular Gram update
+MAX_GRAM_BLOCKS = 8
 
 
-def add_gram_upper(acc: torch.Tensor, rows: torch.Tensor, blocks: int = GRAM_BLOCKS) -> None:
+def gram_blocks(n: int) -> int:
+    """Row blocks for width ``n``: about ``GRAM_BLOCK_ROWS`` rows each, 1 to ``MAX_GRAM_BLOCKS``."""
+    return max(1, min(MAX_GRAM_BLOCKS, round(n / GRAM_BLOCK_ROWS)))
+
+
+def add_gram_upper(acc: torch.Tensor, rows: torch.Tensor, blocks: int | None = None) -> None:
     """``acc += X^T X`` on and above the block diagonal only (X = ``rows``, [N, n]).
 
-    Row block ``i`` (columns ``e_i .. e_{i+1}``) gets ``X[:, e_i:e_{i+1}]^T X[:, e_i:]``: with 4
-    blocks that is 10/16 of the full product's work. :func:`fill_lower` restores the full matrix.
+    Row block ``i`` (columns ``e_i .. e_{i+1}``) gets ``X[:, e_i:e_{i+1}]^T X[:, e_i:]``: with ``b``
+    blocks that is ``(b + 1) / (2 b)`` of the full product's work (4: 10/16, 8: 9/16).
+    :func:`fill_lower` restores the full matrix.
     """
     n = rows.shape[1]
+    blocks = gram_blocks(n) if blocks is None else blocks
     if n < 128 or blocks <= 1:
         acc.addmm_(rows.T, rows)
         return
@@ -129,8 +147,31 @@ def add_gram_upper(acc: torch.Tensor, rows: torch.Tensor, blocks: int = GRAM_BLO
 
 
 def fill_lower(acc: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle is ``acc``'s (in place)."""
-    return acc.copy_(torch.triu(acc) + torch.triu(acc, 1).T)
+    """The symmetric matrix whose upper triangle is ``acc``'s (in place; one [n, n] temporary)."""
+    upper = torch.triu(acc, 1)
+    acc.tril_().triu_().add_(upper).add_(upper.T)  # diagonal kept, both triangles from ``upper``
+    return acc
+
+
+def upper_mask(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool [n, n], True on and above the diagonal (row-major order defines the packing)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu_()
+
+
+def pack_upper(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (diagonal included) of ``matrix`` [n, n], row by row: [n (n + 1) / 2]."""
+    return matrix[upper_mask(matrix.shape[0], matrix.device)]
+
+
+def unpack_symmetric(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The symmetric [n, n] matrix whose upper triangle :func:`pack_upper` packed into ``packed``."""
+    if packed.dim() == 2:  # already a full matrix
+        return packed
+    if packed.numel() != n * (n + 1) // 2:
+        raise ValueError(f"a packed triangle of width {n} has {n * (n + 1) // 2} entries, not {packed.numel()}")
+    out = torch.zeros(n, n, dtype=packed.dtype, device=packed.device)
+    out[upper_mask(n, packed.device)] = packed
+    return out.add_(torch.triu(out, 1).T)
 
 
 def select_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -144,7 +185,7 @@ def select_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return rows.float()
 
 
-def _input_dims(model: nn.Module, layout: InputLayout) -> dict[str, int]:
+def input_dims(model: nn.Module, layout: InputLayout) -> dict[str, int]:
     dims = {}
     for name, key in layout.module_to_key.items():
         module = model.get_submodule(name)
@@ -177,7 +218,7 @@ def accumulate_input_stats(
     dist = dist or Dist()
     device = _model_device(model)
     layout = discover_layout(model, module_names, device)
-    acc = _Accumulator(layout, _input_dims(model, layout), device, stop_early)
+    acc = _Accumulator(layout, input_dims(model, layout), device, stop_early)
     handles = [
         model.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: acc.hook(n, args[0])) for n in module_names
     ]
@@ -205,7 +246,7 @@ def _reduce(acc: _Accumulator, dist: Dist) -> InputStats:
     keys = acc.layout.keys
     counts = torch.tensor([acc.counts[k] for k in keys], dtype=torch.float64, device=next(iter(acc.sums.values())).device)
     counts = dist.sum(counts)
-    sums = {k: fill_lower(dist.sum(acc.sums[k])) for k in keys}
+    sums = {k: dist.sum(acc.sums.pop(k)) for k in keys}
     return InputStats(acc.layout, sums, {k: int(c) for k, c in zip(keys, counts.tolist(), strict=True)})
 
 

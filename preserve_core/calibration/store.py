@@ -7,8 +7,9 @@ Layout of ``recipe.calibration_dir()``::
     preserve.jsonl              preserve texts, one {"text": ...} per line (sampled ones also carry
                                 "ids": the exact tokens drawn, which the statistics use)
     preserve.json               how they were made (settings, model fingerprint, filter report)
-    preserve_stats.safetensors  C_p per input key, float32 [n, n]
-    task_stats.safetensors      C_t per input key, float32 [n, n]
+    preserve_stats.safetensors  C_p per input key: its upper triangle, float32 [n (n + 1) / 2]
+    task_stats.safetensors      C_t likewise
+                                (each only when a method reads it: manifest "stats" lists them)
     extras/<method>.safetensors what Method.calibrate_extra returned
     summary.json                effective ranks (written on first ``ppft calibrate`` summary)
 
@@ -31,7 +32,7 @@ from safetensors.torch import save_file
 from ..errors import PPFTError, RecipeError
 
 FORMAT = "ppft-calibration"
-VERSION = 1
+VERSION = 2  # 2: statistics stored as packed upper triangles, only those a method reads
 MANIFEST = "manifest.json"
 PRESERVE_TEXTS = "preserve.jsonl"
 PRESERVE_SIDECAR = "preserve.json"
@@ -54,6 +55,17 @@ class Calibration:
             lines = (self.dir / PRESERVE_TEXTS).read_text().splitlines()
             self._texts = [json.loads(line)["text"] for line in lines if line.strip()]
         return self._texts
+
+    def stats(self) -> list[str]:
+        """Which statistics the folder holds: ``preserve`` (C_p) and/or ``task`` (C_t)."""
+        return list(self.manifest.get("stats", []))
+
+    def preserve_sequences(self, tokenizer, max_length: int) -> list[list[int]]:
+        """The preserve token sequences the statistics use: the sampled ids, or ``[bos] + text``."""
+        from .batches import encode_preserve_text
+
+        lines = [json.loads(line) for line in (self.dir / PRESERVE_TEXTS).read_text().splitlines() if line.strip()]
+        return [row["ids"] if "ids" in row else encode_preserve_text(tokenizer, row["text"], max_length) for row in lines]
 
     def keys(self) -> list[str]:
         """Distinct input keys, in target-layer order."""
@@ -94,8 +106,17 @@ class Calibration:
             return {name: f.get_tensor(name) for name in f.keys()}
 
     def _matrix(self, which: str, key: str) -> torch.Tensor:
+        """The full symmetric [n, n] float32 matrix, unpacked from its stored upper triangle."""
+        from .stats import unpack_symmetric
+
+        if which not in self.stats():
+            symbol = {"preserve": "C_p", "task": "C_t"}[which]
+            raise PPFTError(
+                f"calibration in {self.dir} has no {which} statistics ({symbol}): it was made for a method that "
+                "does not read them. `ppft train` adds them on reuse; or run `ppft calibrate <recipe>` for this method."
+            )
         with safe_open(str(self.dir / STATS_FILES[which]), framework="pt", device="cpu") as f:
-            return f.get_tensor(key)
+            return unpack_symmetric(f.get_tensor(key), int(self.manifest["keys"][key]["dim"]))
 
 
 def read_manifest(directory: Path) -> dict | None:

@@ -25,7 +25,8 @@ def effective_ranks(cov: torch.Tensor, energies: tuple[float, ...] = ENERGIES) -
 def summary_rows(cal: Calibration, device: torch.device | str = "cpu", write_cache: bool = True) -> list[dict]:
     """One row per input key: ``key, dim, modules, tokens_p, ranks_p, tokens_t, ranks_t``.
 
-    The eigenvalues cost O(n^3) per key, so rows are cached in ``summary.json`` in the folder.
+    Ranks of a statistic the folder does not hold are None. The eigenvalues cost O(n^3) per key
+    (asked for only by ``ppft calibrate --summary``), so rows are cached in ``summary.json``.
     """
     cached = _read_cache(cal)
     if cached is not None:
@@ -38,14 +39,18 @@ def summary_rows(cal: Calibration, device: torch.device | str = "cpu", write_cac
             "key": key,
             "dim": info["dim"],
             "modules": len(info["modules"]),
-            "tokens_p": per_key[key]["preserve"],
-            "ranks_p": effective_ranks(cal.cov_by_key("preserve", key).to(device)),
-            "tokens_t": per_key[key]["task"],
-            "ranks_t": effective_ranks(cal.cov_by_key("task", key).to(device)),
+            "tokens_p": per_key[key].get("preserve"),
+            "ranks_p": _ranks(cal, "preserve", key, device),
+            "tokens_t": per_key[key].get("task"),
+            "ranks_t": _ranks(cal, "task", key, device),
         })
     if write_cache:
-        write_json(cal.dir / SUMMARY, {"created_with": cal.manifest["created"], "energies": list(ENERGIES), "rows": rows})
+        write_json(cal.dir / SUMMARY, {"created_with": cal.manifest["created"], "energies": list(ENERGIES), "stats": cal.stats(), "rows": rows})
     return rows
+
+
+def _ranks(cal: Calibration, which: str, key: str, device) -> list[int] | None:
+    return effective_ranks(cal.cov_by_key(which, key).to(device)) if which in cal.stats() else None
 
 
 def _read_cache(cal: Calibration) -> list[dict] | None:
@@ -56,4 +61,5 @@ def _read_cache(cal: Calibration) -> list[dict] | None:
     except (OSError, ValueError):
         return None
     same = data.get("created_with") == cal.manifest["created"] and data.get("energies") == list(ENERGIES)
+    same = same and data.get("stats") == cal.stats()
     return data["rows"] if same else None
