@@ -4,7 +4,8 @@ A checkpoint folder ``checkpoint-<step>`` holds:
 - ``trainable.safetensors``: the tensors training changes (``method.trainable_state``),
 - ``method.safetensors``: method-owned tensors (``method.state_dict()``), if any,
 - ``state.pt``: optimizer, scheduler, RNG states and the data position (loaded with ``weights_only=True``),
-- ``trainer_state.json``: a human-readable summary.
+- ``trainer_state.json``: a human-readable summary,
+- ``SHA256SUMS``: the digest of every other file (``checkpoint_integrity``), checked by ``--resume``.
 
 It is written to ``.tmp-checkpoint-<step>`` and renamed into place, so a crash never leaves a
 half-written checkpoint where ``--resume`` would find it.
@@ -20,6 +21,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .checkpoint_integrity import write_checksums
+from .errors import PPFTError
 
 
 @dataclass
@@ -64,6 +68,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, method, model, optimizer, 
         tmp / "state.pt",
     )
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+    write_checksums(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     _rotate(run_dir, keep_last)
@@ -79,12 +84,26 @@ def _rotate(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as e:  # SafetensorError says what is wrong but not where
+        raise PPFTError(f"{path}: cannot read checkpoint tensors ({type(e).__name__}: {e})") from e
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:
+        raise PPFTError(f"{path}: cannot read checkpoint state ({type(e).__name__}: {e})") from e
+
+
 def load_checkpoint(path: Path, method, model, optimizer, scheduler) -> TrainState:
     """Restore everything ``save_checkpoint`` wrote; returns the saved :class:`TrainState`."""
-    method.load_trainable_state(model, load_file(path / "trainable.safetensors"))
+    method.load_trainable_state(model, _read_tensors(path / "trainable.safetensors"))
     if (path / "method.safetensors").exists():
-        method.load_state_dict(load_file(path / "method.safetensors"))
-    blob = torch.load(path / "state.pt", weights_only=True)
+        method.load_state_dict(_read_tensors(path / "method.safetensors"))
+    blob = _read_state(path / "state.pt")
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -30,3 +33,9 @@ class TrainingProgress:
 
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         self.progress.update(self.task, completed=step, loss=loss, lr=lr, tps=tokens_per_s)
+
+
+def notice(message: str) -> None:
+    """A warning for the user, on stderr, from rank 0 only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        Console(stderr=True).print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)

@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 from torch.nn.utils import get_total_norm
 
 from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint_integrity import newest_intact
 from .data import build_eval_dataset, build_train_dataset, collate, data_fingerprint
 from .errors import PPFTError, RecipeError, TrainingDiverged
 from .guards import all_finite, optimizer_tensors
@@ -28,7 +29,7 @@ from .methods.base import unwrap_model
 from .models import load_model, load_tokenizer, model_fingerprint, resolve_target_modules, write_model_card
 from .progress import TrainingProgress
 from .runlock import run_lock
-from .runs import MetricsLog, prepare_run_dir, write_manifest
+from .runs import MetricsLog, prepare_run_dir, resume_checkpoint, write_manifest
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
@@ -125,11 +126,12 @@ def train(recipe, resume: bool = False, show_progress: bool = True) -> TrainResu
         if accelerator.is_main_process:
             prepare_run_dir(run_dir, resume, recipe.output.overwrite)
         accelerator.wait_for_everyone()
-        return _train_locked(recipe, accelerator, run_dir, resume, show_progress)
+        start = resume_checkpoint(run_dir) if resume else None
+        return _train_locked(recipe, accelerator, run_dir, start, show_progress)
 
 
-def _train_locked(recipe, accelerator, run_dir: Path, resume: bool, show_progress: bool) -> TrainResult:
-    """The run itself, once rank 0 holds the run folder's lock."""
+def _train_locked(recipe, accelerator, run_dir: Path, start: Path | None, show_progress: bool) -> TrainResult:
+    """The run itself, once rank 0 holds the run folder's lock; ``start``: the checkpoint to resume from."""
     set_seed(recipe.training.seed)
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model, accelerator.device)
@@ -141,11 +143,11 @@ def _train_locked(recipe, accelerator, run_dir: Path, resume: bool, show_progres
     optimizer = method.build_optimizer(model, recipe.training)
     scheduler = build_scheduler(optimizer, recipe.training)
     state = TrainState()
-    if resume:
-        state = load_checkpoint(list_checkpoints(run_dir)[-1], method, model, optimizer, scheduler)
+    if start is not None:
+        state = load_checkpoint(start, method, model, optimizer, scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
     log = MetricsLog(run_dir, accelerator.is_main_process, recipe.training.tensorboard)
-    if resume:
+    if start is not None:
         log.truncate_after(state.step)
     if accelerator.is_main_process:
         write_manifest(run_dir, recipe, _manifest_extra(recipe, fingerprint, model, method, truncation, len(dataset), accelerator))
@@ -296,10 +298,10 @@ class TrainingLoop:
     def _diverged(self, what: str, step: int | None = None):
         """Stop: nothing is saved from the bad state; name the checkpoint a resume would use."""
         step = self.state.step + 1 if step is None else step
-        kept = list_checkpoints(self.recipe.run_dir())
-        where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved before it"
+        good, _ = newest_intact(list_checkpoints(self.recipe.run_dir()))
+        where = f"the last good checkpoint is {good}" if good else "no checkpoint was saved before it"
         lower = f"{self.cfg.lr / 10:g}"
-        again = f"--resume --allow-changes --set training.lr={lower}" if kept else f"--set training.lr={lower}"
+        again = f"--resume --allow-changes --set training.lr={lower}" if good else f"--set training.lr={lower}"
         raise TrainingDiverged(
             f"training diverged at step {step}: {what}; stopped without saving it ({where}). "
             f"Lower the learning rate (training.lr is {self.cfg.lr:g}; try {again}), "
