@@ -165,6 +165,27 @@ def test_resume_is_exact_with_schedule_and_refresh(write_recipe):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
+def test_resume_is_exact_without_bases_in_the_checkpoint(write_recipe):
+    """No refresh: the checkpoint holds no V_K (recomputed from calibration at set-up), resume is still exact."""
+    common = {"max_steps": 6, "save_every": 3, "keep_last": 5, "lr": 2e-2, "warmup_steps": 1}
+    straight = run(folora_recipe(write_recipe, "straight-nobasis", training=common))
+    interrupted = folora_recipe(write_recipe, "resumed-nobasis", training=common)
+    first = run(interrupted)
+    shutil.rmtree(first.run_dir / "final")
+    shutil.rmtree(list_checkpoints(first.run_dir)[-1])
+    saved = load_file(list_checkpoints(first.run_dir)[-1] / "method.safetensors")
+    assert saved and not [k for k in saved if k.startswith("basis/")]
+    resumed = run(interrupted, resume=True)
+    a = load_file(straight.run_dir / "final" / "adapter_model.safetensors")
+    b = load_file(first.run_dir / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    wrappers = resumed.model.get_submodule("model.layers.0.self_attn")
+    assert len({getattr(wrappers, f"{p}_proj").basis.data_ptr() for p in "qkv"}) == 1  # one V_K per input
+    assert wrappers.q_proj.basis.dtype == torch.float32
+
+
 def test_export_reproduces_logits_with_stock_peft_and_merged(write_recipe, tiny_model_dir):
     result = run(folora_recipe(write_recipe, "export", training={"max_steps": 6, "lr": 5e-2}, output={"merge": True}))
     ids = torch.tensor([[1, 21, 8, 25, 43, 4, 5, 41]])

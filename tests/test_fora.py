@@ -196,7 +196,7 @@ def test_resume_is_exact(method, write_recipe, calibration_settings):
     shutil.rmtree(first.run_dir / "final")
     shutil.rmtree(list_checkpoints(first.run_dir)[-1])
     assert list_checkpoints(first.run_dir)[-1].name == "checkpoint-000005"
-    assert (list_checkpoints(first.run_dir)[-1] / "method.safetensors").exists()
+    assert load_file(list_checkpoints(first.run_dir)[-1] / "method.safetensors").keys() == {"bases_sha256"}
     resumed = run(interrupted, resume=True)
     torch.testing.assert_close(logits(resumed.model), logits(straight.model), atol=1e-6, rtol=0)
     a, b = (load_file(next(r.final_dir.glob("*.safetensors"))) for r in (straight, resumed))
@@ -218,3 +218,87 @@ def test_weightproj_needs_no_calibration_and_protects_weight_directions(write_re
         torch.testing.assert_close(layer.q @ layer.q.T, top_right @ top_right.T, atol=1e-5, rtol=0)
         d_w = layer.merged_weight() - w0
         assert d_w.norm() > 1e-4 and (d_w @ top_right).norm() / d_w.norm() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up memory: one basis per input, the smaller side, no unused SVD, no bases in checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _cov_with_spectrum(values: list[float], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``C = E diag(values) E^T`` (float64) with a random orthonormal ``E``; returns ``(C, E)``."""
+    e = _orthonormal(len(values), len(values), seed)
+    return e @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ e.T, e
+
+
+@pytest.mark.parametrize("rank, complement", [(3, False), (5, False), (7, True)])
+def test_input_projector_keeps_the_smaller_side_and_equals_the_float64_projection(rank, complement):
+    from types import SimpleNamespace
+
+    from preserve_core.methods.fora_bases import input_projector
+
+    values = [10.0, 8.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.25]  # distinct: the top-k span is unique
+    cov, e = _cov_with_spectrum(values, 3)
+    options = SimpleNamespace(energy=0.95, rank=rank, max_rank=1.0)
+    projector = input_projector(cov.float(), options)
+    assert projector.complement is complement and projector.rank == rank
+    assert projector.vectors.shape == (10, min(rank, 10 - rank)) and projector.vectors.dtype == torch.float32
+    x = torch.randn(6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    q = e[:, :rank]  # float64 reference: the eigenvectors of the `rank` largest eigenvalues
+    expected = x - (x @ q) @ q.T
+    torch.testing.assert_close(projector(x.float()).double(), expected, atol=2e-6, rtol=0)
+    torch.testing.assert_close(projector.protected().double() @ projector.protected().double().T, q @ q.T,
+                               atol=2e-6, rtol=0)  # fmt: skip
+
+
+def _fora_on_tiny(tiny_model_dir, options: dict, covs: dict[str, torch.Tensor] | None = None):
+    """``(method, model)``: FORA prepared on the tiny model with a stand-in calibration (C_p per input)."""
+    from types import SimpleNamespace
+
+    from preserve_core.calibration.layout import discover_layout
+    from preserve_core.methods.fora import Fora, ForaOptions
+    from preserve_core.models import resolve_target_modules
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    targets = resolve_target_modules(model, None)
+    layout = discover_layout(model, targets, torch.device("cpu"))
+    dims = {layout.module_to_key[n]: model.get_submodule(n).in_features for n in targets}
+    covs = covs or {k: _cov_with_spectrum([float(n - i) for i in range(n)], 7)[0].float() for k, n in dims.items()}
+    calibration = SimpleNamespace(input_key=layout.module_to_key.__getitem__,
+                                  preserve_cov=lambda name: covs[layout.module_to_key[name]].clone())  # fmt: skip
+    recipe = SimpleNamespace(training=SimpleNamespace(weight_decay=0.0))
+    ctx = SimpleNamespace(recipe=recipe, target_modules=targets, device=torch.device("cpu"), calibration=calibration)
+    method = Fora(ForaOptions(**options), ctx)
+    return method, method.prepare_model(model)
+
+
+def test_no_weight_svd_without_u1_and_channel_and_one_shared_basis_per_input(tiny_model_dir, monkeypatch):
+    from preserve_core.methods import fora_bases
+
+    calls = []
+    real_svd = fora_bases.weight_svd
+    monkeypatch.setattr(fora_bases, "weight_svd", lambda w: calls.append(w.shape) or real_svd(w))
+    method, _ = _fora_on_tiny(tiny_model_dir, {"form": "lora", "u_rank": 0, "spectral_size": 0})
+    assert calls == []
+    layers = method.layers
+    assert all(layer.u1.shape[1] == 0 and layer.delta is None for layer in layers.values())
+    attn = [layers[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv"]
+    mlp = [layers[f"model.layers.0.mlp.{p}_proj"] for p in ("gate", "up")]
+    for group in (attn, mlp):
+        assert len({layer.right.data_ptr() for layer in group}) == 1  # one tensor per distinct input
+    assert attn[0].right.data_ptr() != mlp[0].right.data_ptr()
+    _fora_on_tiny(tiny_model_dir, {"form": "lora", "u_rank": 0, "spectral_size": 2})
+    assert len(calls) == len(layers)  # the channel needs the SVD: once per layer
+
+
+def test_checkpoint_holds_a_hash_not_the_bases(tiny_model_dir):
+    from preserve_core.errors import PPFTError
+
+    method, _ = _fora_on_tiny(tiny_model_dir, {"form": "lora", "u_rank": 2, "spectral_size": 2})
+    state = method.state_dict()
+    assert list(state) == ["bases_sha256"] and state["bases_sha256"].numel() == 32
+    again, _ = _fora_on_tiny(tiny_model_dir, {"form": "lora", "u_rank": 2, "spectral_size": 2})
+    again.load_state_dict(state)  # the same recomputation: accepted
+    other, _ = _fora_on_tiny(tiny_model_dir, {"form": "lora", "u_rank": 3, "spectral_size": 2})
+    with pytest.raises(PPFTError, match="differ from those the checkpoint"):
+        other.load_state_dict(state)

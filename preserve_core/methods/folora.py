@@ -92,6 +92,7 @@ class Folora(Method):
         self.wrappers: dict[str, FoloraLinear] = {}
         self.names_by_key: dict[str, list[str]] = {}
         self.values: dict[str, torch.Tensor] = {}  # lambda per input key, float64 [K]
+        self.rebased: set[str] = set()  # input keys whose basis a refresh replaced (checkpointed then)
         self.gammas: dict[str, float] = {}
         self.task_covs: dict[str, torch.Tensor] = {}  # refreshed C_t estimates (CPU), when refresh_mix < 1
         self.window = TaskWindow(ctx.recipe.calibration.task_positions)
@@ -102,11 +103,14 @@ class Folora(Method):
     # -- set-up ---------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
-        solved: dict[str, tuple[Basis, float]] = {}
+        solved: dict[str, tuple[Basis, float]] = {}  # one float32 V_K per distinct input, shared by its layers
         for name in self.ctx.target_modules:
             key = self.ctx.calibration.input_key(name)
             if key not in solved:
-                solved[key] = self._solve(key, self.ctx.calibration.cov_by_key("task", key))
+                basis, init_std = self._solve(key, self.ctx.calibration.cov_by_key("task", key))
+                vectors = basis.vectors.to(device=self.ctx.device, dtype=torch.float32).contiguous()
+                solved[key] = Basis(vectors, basis.values), init_std
+                del basis  # the float64 solution: only the float32 copy lives on
                 self.values[key] = solved[key][0].values
             self.names_by_key.setdefault(key, []).append(name)
             basis, init_std = solved[key]
@@ -212,14 +216,19 @@ class Folora(Method):
             w = self.wrappers[name]
             w.lora_A_tilde.copy_(w.lora_A_tilde.double() @ t.to(w.lora_A_tilde.device))
             optimizer.change_coordinates(w.lora_A_tilde, t)
-            w.basis.copy_(basis.vectors)
+            if w.basis.data_ptr() != self.wrappers[names[0]].basis.data_ptr() or name == names[0]:
+                w.basis.copy_(basis.vectors)  # the layers of one input share one tensor: copied once
         self.values[key] = basis.values
+        self.rebased.add(key)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Step, ``lambda`` and ``gamma`` per input, the refresh state, and ``V_K`` only for inputs a refresh
+        re-based: the calibration's bases are derived data, recomputed bit for bit at set-up on resume."""
         state = {"step": torch.tensor(self.step, dtype=torch.int64)}
         for key, names in self.names_by_key.items():
-            state[f"basis/{key}"] = self.wrappers[names[0]].basis
+            if key in self.rebased:
+                state[f"basis/{key}"] = self.wrappers[names[0]].basis
             state[f"values/{key}"] = self.values[key]
             state[f"gamma/{key}"] = torch.tensor(self.gammas.get(key, float("nan")), dtype=torch.float64)
         state.update({f"task_cov/{k}": v for k, v in self.task_covs.items()})
@@ -229,9 +238,11 @@ class Folora(Method):
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.step = int(state["step"])
+        self.rebased = {key for key in self.names_by_key if f"basis/{key}" in state}
         for key, names in self.names_by_key.items():
-            for name in names:
-                self.wrappers[name].basis.copy_(state[f"basis/{key}"])
+            if key in self.rebased:
+                for name in names:
+                    self.wrappers[name].basis.copy_(state[f"basis/{key}"])
             self.values[key] = state[f"values/{key}"].to(self.ctx.device)
             self.gammas[key] = float(state[f"gamma/{key}"])
         self.task_covs = {k.partition("/")[2]: v for k, v in state.items() if k.startswith("task_cov/")}

@@ -48,13 +48,17 @@ def resolve_keep(keep: int | float | None, n: int) -> int:
 
 
 def generalized_basis(c_t: torch.Tensor, c_p: torch.Tensor, damping: float, keep: int) -> Basis:
-    """The top-``keep`` solutions of ``C_t v = lambda (C_p + eps I) v`` (see the module docstring)."""
-    m = damped_preserve(c_p, damping)
-    lower = torch.linalg.cholesky(m)
-    c_t = c_t.to(m)
-    half = torch.linalg.solve_triangular(lower, c_t, upper=False)  # L^{-1} C_t
+    """The top-``keep`` solutions of ``C_t v = lambda (C_p + eps I) v`` (see the module docstring).
+
+    Temporaries are freed as soon as they are used: the peak is about five float64 [n, n] matrices.
+    """
+    lower = torch.linalg.cholesky(damped_preserve(c_p, damping))
+    half = torch.linalg.solve_triangular(lower, c_t.to(lower), upper=False)  # L^{-1} C_t
     s = torch.linalg.solve_triangular(lower, half.T, upper=False)  # L^{-1} C_t L^{-T}
-    values, w = torch.linalg.eigh((s + s.T) / 2)
+    del half
+    s = s.add_(s.T.clone()).mul_(0.5)
+    values, w = torch.linalg.eigh(s)
+    del s
     values, w = values.flip(0)[:keep], w.flip(1)[:, :keep]
     vectors = torch.linalg.solve_triangular(lower.T, w, upper=True)  # L^{-T} W
     return Basis(vectors, values)

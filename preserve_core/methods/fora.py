@@ -8,6 +8,7 @@ singular vectors of ``W``). ``form: full`` trains ``W`` with a projected AdamW (
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -18,11 +19,12 @@ from torch import nn
 from ..errors import PPFTError
 from .adapter_export import save_lora_factors_as_peft
 from .base import PRESERVE_STATS, Method, MethodOptions
-from .fora_bases import compute_bases, input_eigenbasis
+from .fora_bases import RightProjector, compute_bases, input_projector
 from .fora_layer import ForaLinear
 from .fora_optim import ProjectedAdamW
 
-BASES = ("q", "u1", "u_c", "v_c")
+BASES = ("right", "u1", "u_c", "v_c")
+BASES_HASH = "bases_sha256"
 
 
 class ForaOptions(MethodOptions):
@@ -75,10 +77,10 @@ class Fora(Method):
         model.requires_grad_(False)
         lora = self.options.form == "lora"
         keep_anchor = not lora and self.ctx.recipe.training.weight_decay > 0
-        eigen_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        shared: dict[str, RightProjector] = {}
         for name in self.ctx.target_modules:
             linear = model.get_submodule(name)
-            bases = compute_bases(linear.weight, self._input_basis(name, eigen_cache), self.options)
+            bases = compute_bases(linear.weight, self._input_projector(name, shared), self.options)
             layer = ForaLinear(linear, bases, self.options.r if lora else 0, self.options.alpha, self.options.dropout)
             _replace_module(model, name, layer)
             self.layers[name] = layer
@@ -88,23 +90,25 @@ class Fora(Method):
                 self.anchors[name] = linear.weight.detach().clone()
         return model
 
-    def _input_basis(self, name: str, cache: dict) -> tuple | None:
-        """Eigenbasis of the layer's ``C_p``, computed once per shared input (None for ``source: weight``)."""
+    def _input_projector(self, name: str, shared: dict[str, RightProjector]) -> RightProjector | None:
+        """``P_Q`` of the layer's input from its ``C_p``, made once per distinct input and shared by the
+        layers reading it (None for ``source: weight``). Only its float32 basis outlives the call."""
         if self.options.source == "weight":
             return None
         calibration = self.ctx.calibration
         if calibration is None:
             raise PPFTError("fora with source: activation needs calibration statistics (C_p); weightproj needs none")
         key = calibration.input_key(name)
-        if key not in cache:
-            cache[key] = input_eigenbasis(calibration.preserve_cov(name).to(self.ctx.device))
-        return cache[key]
+        if key not in shared:
+            projector = input_projector(calibration.preserve_cov(name).to(self.ctx.device), self.options)
+            shared[key] = RightProjector(projector.vectors.to(self.ctx.device), projector.complement)
+        return shared[key]
 
     def build_optimizer(self, model: nn.Module, training) -> torch.optim.Optimizer:
         if self.options.form == "lora":
             return super().build_optimizer(model, training)
         params = [p for p in model.parameters() if p.requires_grad]
-        projectors = {layer.base.weight: (layer.q, layer.u1) for layer in self.layers.values()}
+        projectors = {layer.base.weight: (layer.projector, layer.u1) for layer in self.layers.values()}
         anchors = {self.layers[n].base.weight: w0 for n, w0 in self.anchors.items()}
         return ProjectedAdamW(
             params, lr=training.lr, betas=training.adam_betas, eps=training.adam_eps,
@@ -113,12 +117,33 @@ class Fora(Method):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every layer's bases (``<module>.q`` / ``.u1`` / ``.u_c`` / ``.v_c``), so resume needs no recomputation."""
-        return {f"{name}.{key}": getattr(layer, key) for name, layer in self.layers.items() for key in BASES}
+        """Only the sha256 of every layer's bases: they are derived data, recomputed from the calibration
+        (deterministically, bit for bit) when training resumes, and checked against this hash."""
+        return {BASES_HASH: torch.frombuffer(bytearray(self.bases_digest()), dtype=torch.uint8)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, layer in self.layers.items():
-            layer.set_bases({key: state[f"{name}.{key}"] for key in BASES})
+        if BASES_HASH not in state:
+            raise PPFTError("this FORA checkpoint has no bases hash (made by an older ppft); resume is not possible")
+        if bytes(state[BASES_HASH].tolist()) != self.bases_digest():
+            raise PPFTError(
+                "FORA's bases recomputed from the calibration differ from those the checkpoint was trained with "
+                "(the calibration, the method options or the numerics changed). Restore that calibration, or "
+                "start the run afresh (without --resume)."
+            )
+
+    def bases_digest(self) -> bytes:
+        """sha256 over every layer's bases in target order (each distinct tensor once, with its shape)."""
+        if getattr(self, "_digest", None) is None:
+            digest, seen = hashlib.sha256(), set()
+            for name, layer in self.layers.items():
+                for key in BASES:
+                    tensor = getattr(layer, key)
+                    digest.update(f"{name}.{key}:{tuple(tensor.shape)}:{layer.q_complement}".encode())
+                    if id(tensor) not in seen:
+                        seen.add(id(tensor))
+                        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._digest = digest.digest()
+        return self._digest
 
     # -- output ---------------------------------------------------------------------------------
     def export(self, model: nn.Module, out_dir: Path, tokenizer, merge: bool) -> None:

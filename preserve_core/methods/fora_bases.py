@@ -8,7 +8,8 @@ For a target ``W`` of shape ``[m, n]``:
 - ``U_1`` ``[m, r_u]``: top left singular vectors of ``W``; ``P_U = I - U_1 U_1^T``.
 - ``U_c`` ``[m, s]``, ``V_c`` ``[n, s]``: ``s`` singular triplets of ``W`` (top or tail).
 
-The projectors are never formed: ``X P_Q = X - (X Q) Q^T`` and ``P_U X = X - U_1 (U_1^T X)``.
+The projectors are never formed: ``X P_Q = X - (X Q) Q^T`` (or ``(X Q_c) Q_c^T`` with the complement
+``Q_c`` when that is smaller) and ``P_U X = X - U_1 (U_1^T X)``.
 """
 
 from __future__ import annotations
@@ -19,24 +20,63 @@ import torch
 
 
 @dataclass
-class ForaBases:
-    """All float32. ``q`` [n, k], ``u1`` [m, r_u], ``u_c`` [m, s], ``v_c`` [n, s]; widths may be 0."""
+class RightProjector:
+    """``X -> X P_Q`` (``P_Q = I - Q Q^T``, ``Q`` [n, k] orthonormal), kept as whichever basis is smaller.
 
-    q: torch.Tensor
+    ``complement=False``: ``vectors = Q`` and ``X P_Q = X - (X Q) Q^T`` (4 n k flops per row of X).
+    ``complement=True``: ``vectors = Q_c`` [n, n - k], the orthonormal complement, and
+    ``X P_Q = (X Q_c) Q_c^T`` (4 n (n - k) flops per row). Layers that share an input share one object.
+    """
+
+    vectors: torch.Tensor
+    complement: bool = False
+
+    @property
+    def rank(self) -> int:
+        """``k``, the number of protected directions."""
+        n, cols = self.vectors.shape
+        return n - cols if self.complement else cols
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``X P_Q`` for ``X`` [..., n], in ``X``'s dtype."""
+        v = self.vectors.to(x.dtype)
+        if self.complement:
+            return (x @ v) @ v.T
+        return x if v.shape[1] == 0 else x - (x @ v) @ v.T
+
+    def protected(self) -> torch.Tensor:
+        """``Q`` [n, k] itself (computed from ``Q_c`` when that is what is kept; for export and checks)."""
+        return orthonormal_complement(self.vectors) if self.complement else self.vectors
+
+    @classmethod
+    def smaller_of(cls, q: torch.Tensor, complement: torch.Tensor | None = None) -> RightProjector:
+        """From ``Q`` [n, k] (and, if known, its complement): ``Q_c`` when ``k > n - k``, else ``Q``."""
+        n, k = q.shape
+        if 2 * k <= n:
+            return cls(q.contiguous())
+        return cls((complement if complement is not None else orthonormal_complement(q)).contiguous(), True)
+
+
+def orthonormal_complement(q: torch.Tensor) -> torch.Tensor:
+    """``Q_c`` [n, n - k] with ``[Q Q_c]`` orthonormal: the trailing left singular vectors of ``Q`` [n, k]."""
+    u = torch.linalg.svd(q.double(), full_matrices=True)[0]
+    return u[:, q.shape[1] :].to(q.dtype).contiguous()
+
+
+@dataclass
+class ForaBases:
+    """All float32. ``right``: P_Q's projector (``Q`` [n, k] or ``Q_c``), ``u1`` [m, r_u], ``u_c`` [m, s],
+    ``v_c`` [n, s]; widths may be 0."""
+
+    right: RightProjector
     u1: torch.Tensor
     u_c: torch.Tensor
     v_c: torch.Tensor
 
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        return {"q": self.q, "u1": self.u1, "u_c": self.u_c, "v_c": self.v_c}
-
 
 def project_right(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``X P_Q = X - (X Q) Q^T`` for ``X`` [..., n], ``Q`` [n, k] (identity when ``k = 0``)."""
-    if q.shape[1] == 0:
-        return x
-    q = q.to(x.dtype)
-    return x - (x @ q) @ q.T
+    return RightProjector(q)(x)
 
 
 def project_left(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -69,11 +109,25 @@ def select_rank(values: torch.Tensor, energy: float, rank: int | None, max_rank:
     return min(k, size, cap_count(max_rank, size))
 
 
-def input_eigenbasis(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending, clamped at 0) [n] and eigenvectors [n, n] of a symmetric ``C_p``, float64."""
-    cov = cov.double()
-    values, vectors = torch.linalg.eigh((cov + cov.T) / 2)
-    return values.flip(0).clamp_min(0), vectors.flip(1)
+def input_projector(cov: torch.Tensor, options) -> RightProjector:
+    """``P_Q`` of one layer input from its ``C_p`` [n, n]: ``Q`` = the top ``k`` eigenvectors (``k`` by
+    ``options.energy`` / ``rank`` / ``max_rank``, eigenvalues clamped at 0), or the trailing ``n - k`` when
+    fewer. The eigensolver runs in float64 on ``cov``'s device; only the kept float32 columns survive
+    (transient: about four [n, n] float64 matrices, e.g. 1.2 GB at n = 6144)."""
+    values, vectors = torch.linalg.eigh(cov.to(torch.float64))  # reads one triangle: symmetric by construction
+    values = values.flip(0).clamp_min(0)
+    k = select_rank(values, options.energy, options.rank, options.max_rank)
+    del values
+    n = vectors.shape[0]
+    # eigh's columns ascend: the top k are the last k (reversed), the complement the first n - k
+    if 2 * k <= n:
+        kept = vectors[:, n - k :].flip(1).float().contiguous()
+        complement = False
+    else:
+        kept = vectors[:, : n - k].flip(1).float().contiguous()
+        complement = True
+    del vectors
+    return RightProjector(kept, complement)
 
 
 def weight_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,23 +142,32 @@ def channel_indices(p: int, size: int, which: str) -> torch.Tensor:
     return torch.arange(size) if which == "top" else torch.arange(p - size, p)
 
 
-def compute_bases(weight: torch.Tensor, input_basis: tuple[torch.Tensor, torch.Tensor] | None, options) -> ForaBases:
-    """The bases of one layer from its weight and (``source: activation``) the eigenbasis of its ``C_p``.
+def needs_weight_svd(options) -> bool:
+    """Whether any basis comes from ``W``'s SVD: ``source: weight``, a spectral channel, or ``U_1``."""
+    u_disabled = options.u_rank == 0 or (options.u_rank is None and options.u_energy <= 0)
+    return options.source == "weight" or options.spectral_size > 0 or not u_disabled
+
+
+def compute_bases(weight: torch.Tensor, right: RightProjector | None, options) -> ForaBases:
+    """The bases of one layer from its weight and (``source: activation``) the projector of its ``C_p``.
 
     ``options`` carries energy/rank/max_rank (for ``Q``), u_energy/u_rank/u_max_rank (for ``U_1``),
-    spectral_size/spectral_which (for the channel). Singular-vector energies use ``S^2``.
+    spectral_size/spectral_which (for the channel). Singular-vector energies use ``S^2``. With
+    ``u_rank: 0`` and ``spectral_size: 0`` (and ``source: activation``) no SVD of ``W`` runs.
     """
+    m, n = weight.shape
+    empty = weight.new_zeros(m, 0, dtype=torch.float32), weight.new_zeros(n, 0, dtype=torch.float32)
+    if not needs_weight_svd(options):
+        return ForaBases(right, empty[0], empty[0], empty[1])
     u, s, v = weight_svd(weight)
     power = s.square()
-    if options.source == "activation":
-        values, vectors = input_basis
-    else:
-        values, vectors = power, v
-    k = select_rank(values, options.energy, options.rank, options.max_rank)
+    if options.source == "weight":
+        k = select_rank(power, options.energy, options.rank, options.max_rank)
+        right = RightProjector.smaller_of(v[:, :k].float())
     r_u = select_rank(power, options.u_energy, options.u_rank, options.u_max_rank)
     channel = channel_indices(s.numel(), options.spectral_size, options.spectral_which)
     return ForaBases(
-        q=vectors[:, :k].float().contiguous(),
+        right=right,
         u1=u[:, :r_u].float().contiguous(),
         u_c=u[:, channel].float().contiguous(),
         v_c=v[:, channel].float().contiguous(),

@@ -8,8 +8,10 @@ With ``r > 0`` (LoRA form), per forward call (not per token)::
 
 With ``r = 0`` (full-rank form) ``W`` itself trains (its projected AdamW keeps the update in the
 protected space) and the layer adds only the channel, folded into the weight once per call:
-``y = (W + U_c diag(delta) V_c^T) x``. The bases are non-persistent float32 buffers
-(the method checkpoints them); ``A``, ``B`` and ``delta`` are float32 parameters.
+``y = (W + U_c diag(delta) V_c^T) x``. The bases are non-persistent float32 buffers, recomputed
+from calibration on resume (the checkpoint holds their hash); ``P_Q``'s basis (``Q`` or its complement,
+see :class:`.fora_bases.RightProjector`) is one tensor shared by every layer reading the same input.
+``A``, ``B`` and ``delta`` are float32 parameters.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .fora_bases import ForaBases, project_left, project_right
+from .fora_bases import ForaBases, RightProjector, project_left
 
 
 class ForaLinear(nn.Module):
@@ -30,8 +32,11 @@ class ForaLinear(nn.Module):
         self.r = r
         self.scale = alpha / r if r else 0.0
         device = base.weight.device
-        for key, tensor in bases.as_dict().items():
-            self.register_buffer(key, tensor.to(device=device, dtype=torch.float32), persistent=False)
+        self.q_complement = bases.right.complement
+        self.register_buffer("right", bases.right.vectors.to(device=device, dtype=torch.float32), persistent=False)
+        for key in ("u1", "u_c", "v_c"):
+            tensor = getattr(bases, key).to(device=device, dtype=torch.float32)
+            self.register_buffer(key, tensor, persistent=False)
         m, n = base.weight.shape
         if r:
             self.lora_A = nn.Parameter(torch.empty(r, n, device=device))
@@ -48,12 +53,15 @@ class ForaLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
-    def set_bases(self, bases: dict[str, torch.Tensor]) -> None:
-        """Replace the bases (e.g. with checkpointed ones); widths must match the trainable shapes."""
-        for key, tensor in bases.items():
-            setattr(self, key, tensor.to(device=self.base.weight.device, dtype=torch.float32))
-        if self.delta is not None and self.u_c.shape[1] != self.delta.numel():
-            raise ValueError(f"checkpointed channel has width {self.u_c.shape[1]}, the layer {self.delta.numel()}")
+    @property
+    def projector(self) -> RightProjector:
+        """``X -> X P_Q`` over this layer's (shared) basis."""
+        return RightProjector(self.right, self.q_complement)
+
+    @property
+    def q(self) -> torch.Tensor:
+        """``Q`` [n, k], the protected input directions (computed when the complement is what is kept)."""
+        return self.projector.protected()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.r and self.delta is not None:
@@ -79,7 +87,7 @@ class ForaLinear(nn.Module):
 
     def branch_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A' [r, n], (alpha/r) B' [m, r])``: the LoRA branch as ``B A`` with scaling folded in."""
-        return project_right(self.lora_A, self.q), self.scale * project_left(self.lora_B, self.u1)
+        return self.projector(self.lora_A), self.scale * project_left(self.lora_B, self.u1)
 
     def channel_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(V_c^T [s, n], U_c diag(delta) [m, s])``."""

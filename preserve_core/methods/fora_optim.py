@@ -19,11 +19,14 @@ from collections.abc import Iterable
 
 import torch
 
-from .fora_bases import project_left, project_right
+from .fora_bases import RightProjector, orthonormal_complement, project_left
 
 
 class ProjectedAdamW(torch.optim.Optimizer):
-    """AdamW where ``projectors[p] = (Q [n, k], U_1 [m, r_u])`` confines ``p``'s update to ``P_U . P_Q``.
+    """AdamW where ``projectors[p] = (right, U_1 [m, r_u])`` confines ``p``'s update to ``P_U . P_Q``.
+
+    ``right`` is a :class:`.fora_bases.RightProjector` or ``Q`` [n, k] itself; for a bare ``Q`` that
+    spans more than half of the input space the complement is computed once per distinct ``Q``.
 
     ``anchors[p] = W_0`` is where weight decay pulls a projected ``p`` (required when its group has
     ``weight_decay > 0``). Neither is part of ``state_dict`` (the method owns and checkpoints them).
@@ -40,9 +43,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
         anchors: dict[torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
-        self.projectors = projectors or {}
+        self._made: dict[int, RightProjector] = {}
+        self.projectors = {p: (_as_projector(right, self._made), u1) for p, (right, u1) in (projectors or {}).items()}
         self.anchors = anchors or {}
-        self._complements: dict[torch.Tensor, torch.Tensor] = {}
         for group in self.param_groups:
             if group["weight_decay"] > 0:
                 missing = [p for p in group["params"] if p in self.projectors and p not in self.anchors]
@@ -50,22 +53,11 @@ class ProjectedAdamW(torch.optim.Optimizer):
                     raise ValueError("weight decay on a projected parameter needs its W_0 anchor")
 
     def project(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``P_U x P_Q`` for a projected ``p``; ``x`` unchanged otherwise.
-
-        When ``Q`` spans more than half of the input space, ``x P_Q = (x Q_c) Q_c^T`` with the orthonormal
-        complement ``Q_c`` [n, n - k] is the cheaper product (computed once, kept out of the state).
-        """
+        """``P_U x P_Q`` for a projected ``p``; ``x`` unchanged otherwise."""
         if p not in self.projectors:
             return x
-        q, u1 = self.projectors[p]
-        if 2 * q.shape[1] > q.shape[0]:
-            complement = self._complements.get(p)
-            if complement is None:
-                complement = self._complements[p] = orthonormal_complement(q)
-            right = (x @ complement.to(x.dtype)) @ complement.T.to(x.dtype)
-        else:
-            right = project_right(x, q)
-        return project_left(right, u1)
+        right, u1 = self.projectors[p]
+        return project_left(right(x), u1)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -115,10 +107,16 @@ class ProjectedAdamW(torch.optim.Optimizer):
             p.mul_(1 - amount)
 
 
-def orthonormal_complement(q: torch.Tensor) -> torch.Tensor:
-    """``Q_c`` [n, n - k] with ``[Q Q_c]`` orthonormal: the trailing left singular vectors of ``Q`` [n, k]."""
-    u = torch.linalg.svd(q.double(), full_matrices=True)[0]
-    return u[:, q.shape[1] :].to(q.dtype).contiguous()
+def _as_projector(right, made: dict[int, RightProjector]) -> RightProjector:
+    """``right`` as a projector; a bare ``Q`` becomes the smaller of ``Q`` / ``Q_c``, once per tensor."""
+    if isinstance(right, RightProjector):
+        return right
+    if id(right) not in made:
+        made[id(right)] = RightProjector.smaller_of(right)
+    return made[id(right)]
+
+
+__all__ = ["ProjectedAdamW", "orthonormal_complement"]
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
