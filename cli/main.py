@@ -41,7 +41,10 @@ def train(
     recipe: RecipeArg,
     set_: SetOpt = [],  # noqa: B006
     output_dir: OutputDirOpt = None,
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the run directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest intact checkpoint in the run directory."),
+    allow_changes: bool = typer.Option(
+        False, "--allow-changes", help="With --resume: accept recipe changes since the checkpoint (new optimizer settings and schedule apply from there)."
+    ),
     merge: bool = typer.Option(False, "--merge", help="Adapter methods: also save merged full weights (final/merged)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     debug: DebugOpt = False,
@@ -49,15 +52,18 @@ def train(
     """Fine-tune with the recipe's method. Writes <run>/final, checkpoints, metrics.jsonl and manifest.json."""
 
     def run():
+        from preserve_core.errors import RecipeError
         from preserve_core.recipe import load_recipe
         from preserve_core.training import check_runtime
         from preserve_core.training import train as train_run
 
+        if allow_changes and not resume:
+            raise RecipeError("--allow-changes only applies with --resume")
         resolved = load_recipe(recipe, set_, output_dir)
         if merge:
             resolved.output.merge = True
         check_runtime(resolved)
-        result = train_run(resolved, resume=resume, show_progress=progress)
+        result = train_run(resolved, resume=resume, show_progress=progress, allow_changes=allow_changes)
         if result.interrupted:
             raise typer.Exit(130)
         if is_main_process():

@@ -34,6 +34,7 @@ class TrainState:
     epoch: int = 0
     position: int = 0
     tokens: int = 0
+    recipe: dict | None = None  # the resolved recipe the run was made with (``--resume`` compares it)
 
 
 def rng_state() -> dict:

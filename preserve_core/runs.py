@@ -15,9 +15,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import list_checkpoints
-from .checkpoint_integrity import CHECKSUMS, newest_intact
 from .errors import RecipeError
-from .progress import notice
 
 TRACKED_PACKAGES = ("ppft", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers")
 
@@ -38,27 +36,6 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         for old in checkpoints:
             shutil.rmtree(old)
     run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def resume_checkpoint(run_dir: Path) -> Path:
-    """The newest intact checkpoint of ``run_dir``; newer damaged ones are skipped with a warning saying why.
-
-    Raises RecipeError (exit 2) when no checkpoint is intact.
-    """
-    folders = sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir())
-    found, skipped = newest_intact(folders)
-    fallback = f"; resuming from {found.name} instead" if found else ""
-    for path, problem in skipped:
-        notice(f"--resume: skipping {path}: {problem}{fallback}.")
-    if found is None:
-        raise RecipeError(
-            f"--resume: no intact checkpoint in {run_dir} ("
-            + "; ".join(f"{p.name}: {why}" for p, why in skipped)
-            + "). Start again without --resume, with --set output.overwrite=true."
-        )
-    if not (found / CHECKSUMS).exists():
-        notice(f"--resume: {found} has no {CHECKSUMS} (written by an older ppft); its files cannot be verified.")
-    return found
 
 
 def write_atomic(path: Path, text: str) -> None:

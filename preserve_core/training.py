@@ -29,7 +29,8 @@ from .methods.base import unwrap_model
 from .models import load_model, load_tokenizer, model_fingerprint, resolve_target_modules, write_model_card
 from .progress import TrainingProgress
 from .runlock import run_lock
-from .runs import MetricsLog, prepare_run_dir, resume_checkpoint, write_manifest
+from .resume import apply_new_hyperparameters, check_recipe_changes, optimizer_hyperparameters, resume_checkpoint
+from .runs import MetricsLog, prepare_run_dir, write_manifest
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
@@ -118,20 +119,44 @@ def setup_method(recipe, model, tokenizer, accelerator):
     return method, model
 
 
-def train(recipe, resume: bool = False, show_progress: bool = True) -> TrainResult:
-    """Fine-tune per ``recipe``; writes checkpoints, metrics, manifest and ``<run_dir>/final``."""
+@dataclass
+class ResumePoint:
+    """The checkpoint ``--resume`` continues from, and the recipe changes accepted since it (``resume.py``)."""
+
+    checkpoint: Path
+    changes: dict[str, list]
+
+
+def train(recipe, resume: bool = False, show_progress: bool = True, allow_changes: bool = False) -> TrainResult:
+    """Fine-tune per ``recipe``; writes checkpoints, metrics, manifest and ``<run_dir>/final``.
+
+    ``resume``: continue from the newest intact checkpoint; ``allow_changes``: accept a recipe that
+    differs from the checkpoint's (see :mod:`preserve_core.resume`).
+    """
     accelerator = make_accelerator(recipe)
     run_dir = recipe.run_dir()
     with run_lock(run_dir) if accelerator.is_main_process else nullcontext():
         if accelerator.is_main_process:
             prepare_run_dir(run_dir, resume, recipe.output.overwrite)
         accelerator.wait_for_everyone()
-        start = resume_checkpoint(run_dir) if resume else None
+        start = None
+        if resume:
+            checkpoint = resume_checkpoint(run_dir)
+            start = ResumePoint(checkpoint, check_recipe_changes(recipe, checkpoint, allow_changes))
         return _train_locked(recipe, accelerator, run_dir, start, show_progress)
 
 
-def _train_locked(recipe, accelerator, run_dir: Path, start: Path | None, show_progress: bool) -> TrainResult:
-    """The run itself, once rank 0 holds the run folder's lock; ``start``: the checkpoint to resume from."""
+def _restore(start: ResumePoint, method, model, optimizer, scheduler) -> TrainState:
+    """Load the checkpoint; with accepted changes, the new recipe's optimizer settings and schedule apply."""
+    fresh = optimizer_hyperparameters(optimizer)
+    state = load_checkpoint(start.checkpoint, method, model, optimizer, scheduler)
+    if start.changes:
+        apply_new_hyperparameters(optimizer, scheduler, fresh, state.step)
+    return state
+
+
+def _train_locked(recipe, accelerator, run_dir: Path, start: ResumePoint | None, show_progress: bool) -> TrainResult:
+    """The run itself, once rank 0 holds the run folder's lock; ``start``: where to resume from."""
     set_seed(recipe.training.seed)
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model, accelerator.device)
@@ -142,15 +167,19 @@ def _train_locked(recipe, accelerator, run_dir: Path, start: Path | None, show_p
     eval_set, _ = build_eval_dataset(recipe, tokenizer)
     optimizer = method.build_optimizer(model, recipe.training)
     scheduler = build_scheduler(optimizer, recipe.training)
-    state = TrainState()
-    if start is not None:
-        state = load_checkpoint(start, method, model, optimizer, scheduler)
+    state = _restore(start, method, model, optimizer, scheduler) if start else TrainState()
+    state.recipe = recipe.resolved()
     model, optimizer = accelerator.prepare(model, optimizer)
     log = MetricsLog(run_dir, accelerator.is_main_process, recipe.training.tensorboard)
+    resumed = {}
     if start is not None:
         log.truncate_after(state.step)
+        resumed = {"checkpoint": start.checkpoint.name, "recipe_changes": start.changes}
+        log.log(state.step, event="resume", **resumed)
+        resumed["step"] = state.step
     if accelerator.is_main_process:
-        write_manifest(run_dir, recipe, _manifest_extra(recipe, fingerprint, model, method, truncation, len(dataset), accelerator))
+        extra = _manifest_extra(recipe, fingerprint, model, method, truncation, len(dataset), accelerator)
+        write_manifest(run_dir, recipe, {**extra, "resumed": resumed} if resumed else extra)
     loop = TrainingLoop(recipe, accelerator, model, optimizer, scheduler, method, tokenizer, dataset, eval_set, log, state)
     try:
         result = loop.run(show_progress)
