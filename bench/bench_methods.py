@@ -42,6 +42,10 @@ def method_sections() -> dict[str, dict]:
             sections[f"{name}_full"] = {"name": name, "form": "full"}
     if "fora" in sections:  # the full form without the spectral channel's per-token path
         sections["fora_full_s0"] = {"name": "fora", "form": "full", "spectral_size": 0}
+    if "fora" in sections:  # composition: the cost of a regulariser on top of FORA
+        sections["fora_full_kl"] = {"name": "fora", "form": "full", "regularizers": [{"name": "kl"}]}
+        sections["fora_full_replay"] = {"name": "fora", "form": "full", "regularizers": [{"name": "replay", "rho": 0.1}]}
+        sections["fora_lora_kl"] = {"name": "fora", "r": 8, "regularizers": [{"name": "kl"}]}
     if "folora" in sections:  # one refresh every 10 steps: its cost shows in step_seconds_max
         sections["folora_refresh"] = {"name": "folora", "r": 8, "refresh_every": 10, "refresh_window": 4}
     return sections

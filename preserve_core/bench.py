@@ -41,11 +41,17 @@ class Cell:
         return json.loads(self.method_json)
 
 
+def default_label(method: dict) -> str:
+    """``<method name>`` plus ``+<regulariser>`` for each of its regularisers (fora+kl+replay)."""
+    regs = method.get("regularizers") or []
+    return "+".join([str(method.get("name", "?")), *(str(r.get("name", "?")) for r in regs if isinstance(r, dict))])
+
+
 def plan_cells(recipe: Recipe) -> list[Cell]:
     bench = recipe.bench
     if not bench.methods or not bench.tasks:
         raise RecipeError("bench: list at least one entry in bench.methods and bench.tasks (see docs/results.md)")
-    labels = [m.label or m.method.get("name", "?") for m in bench.methods]
+    labels = [m.label or default_label(m.method) for m in bench.methods]
     if len(set(labels)) != len(labels):
         raise RecipeError(f"bench.methods: labels must be unique, got {labels}; set label: on repeated methods")
     return [

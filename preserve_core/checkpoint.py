@@ -3,6 +3,7 @@
 A checkpoint folder ``checkpoint-<step>`` holds:
 - ``trainable.safetensors``: the tensors training changes (``method.trainable_state``),
 - ``method.safetensors``: method-owned tensors (``method.state_dict()``), if any,
+- ``regularizers.safetensors``: the state of the method's regularisers (``<name>/<key>``), if any,
 - ``state.pt``: optimizer, scheduler, RNG states and the data position (loaded with ``weights_only=True``),
 - ``trainer_state.json``: a human-readable summary,
 - ``SHA256SUMS``: the digest of every other file (``checkpoint_integrity``), checked by ``--resume``.
@@ -55,7 +56,9 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, method, model, optimizer, scheduler, keep_last: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, state: TrainState, method, model, optimizer, scheduler, keep_last: int, regularizers=None
+) -> Path:
     final = run_dir / f"checkpoint-{state.step:06d}"
     tmp = run_dir / f".tmp-checkpoint-{state.step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -64,6 +67,9 @@ def save_checkpoint(run_dir: Path, state: TrainState, method, model, optimizer, 
     method_state = method.state_dict()
     if method_state:
         save_file(_contiguous(method_state), tmp / "method.safetensors")
+    regularizer_state = regularizers.state_dict() if regularizers is not None else {}
+    if regularizer_state:
+        save_file(_contiguous(regularizer_state), tmp / "regularizers.safetensors")
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), "train": asdict(state)},
         tmp / "state.pt",
@@ -99,11 +105,13 @@ def _read_state(path: Path) -> dict:
         raise PPFTError(f"{path}: cannot read checkpoint state ({type(e).__name__}: {e})") from e
 
 
-def load_checkpoint(path: Path, method, model, optimizer, scheduler) -> TrainState:
+def load_checkpoint(path: Path, method, model, optimizer, scheduler, regularizers=None) -> TrainState:
     """Restore everything ``save_checkpoint`` wrote; returns the saved :class:`TrainState`."""
     method.load_trainable_state(model, _read_tensors(path / "trainable.safetensors"))
     if (path / "method.safetensors").exists():
         method.load_state_dict(_read_tensors(path / "method.safetensors"))
+    if regularizers is not None and (path / "regularizers.safetensors").exists():
+        regularizers.load_state_dict(_read_tensors(path / "regularizers.safetensors"))
     blob = _read_state(path / "state.pt")
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])

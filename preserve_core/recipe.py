@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .errors import RecipeError
 from .methods import METHODS
+from .methods.regularizer_options import REGULARIZER_OPTIONS
 from .recipe_schema import (
     BenchConfig,
     CalibrationConfig,
@@ -234,8 +235,11 @@ def _model_class_at(loc: tuple) -> type[BaseModel] | None:
     parents = loc[:-1]
     if len(parents) >= 2 and parents[0] == "method" and parents[1] in METHODS:
         cls, parents = METHODS[parents[1]].Options, parents[2:]
-    for part in parents:
+    for i, part in enumerate(parents):
         if isinstance(part, int):
+            continue
+        if i >= 2 and parents[i - 2] == "regularizers" and part in REGULARIZER_OPTIONS:
+            cls = REGULARIZER_OPTIONS[part]  # the discriminator tag pydantic inserts
             continue
         field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
         if field is None:
@@ -256,9 +260,12 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def _display_loc(loc: tuple) -> tuple:
-    """Drop the discriminator tag pydantic inserts (method.lora.r -> method.r)."""
+    """Drop the discriminator tags pydantic inserts (method.lora.r -> method.r,
+    method.fora.regularizers.0.kl.strength -> method.regularizers.0.strength)."""
     if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHODS:
-        return (loc[0], *loc[2:])
+        loc = (loc[0], *loc[2:])
+    if len(loc) >= 4 and loc[1] == "regularizers" and loc[3] in REGULARIZER_OPTIONS:
+        loc = (*loc[:3], *loc[4:])
     return loc
 
 
@@ -280,6 +287,11 @@ def _describe_error(err: dict, lines: dict) -> str:
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         return f"{where}: {dotted}: unknown key.{hint} Valid keys here: {', '.join(known)}."
+    if err["type"] == "union_tag_invalid" and "regularizers" in loc:
+        name = str(err.get("input", {}).get("name", "")) if isinstance(err.get("input"), dict) else ""
+        close = difflib.get_close_matches(name, list(REGULARIZER_OPTIONS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return f"{where}: {dotted}.name: unknown regulariser '{name}'.{hint} Available: {', '.join(REGULARIZER_OPTIONS)}."
     if err["type"] == "union_tag_invalid":
         name = str(err.get("input", {}).get("name", "")) if isinstance(err.get("input"), dict) else ""
         close = difflib.get_close_matches(name, list(METHODS), n=1)
@@ -293,10 +305,27 @@ def _describe_error(err: dict, lines: dict) -> str:
 
 def validate_recipe(data: dict, lines: dict) -> Recipe:
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
         problems = [_describe_error(err, lines) for err in e.errors()]
         raise RecipeError("invalid recipe:\n  " + "\n  ".join(problems)) from None
+    check_regularizers_fit(recipe, lines)
+    return recipe
+
+
+def check_regularizers_fit(recipe: Recipe, lines: dict) -> None:
+    """``l2sp`` / ``ewc`` read the method's weight change: only methods that expose it can take them."""
+    from .methods.regularizers import READS_WEIGHT_DELTAS
+
+    method = METHODS[recipe.method.name]
+    for i, options in enumerate(recipe.method.regularizers):
+        if options.name in READS_WEIGHT_DELTAS and not method.has_weight_deltas:
+            able = ", ".join(n for n, m in METHODS.items() if m.has_weight_deltas)
+            raise RecipeError(
+                f"{_where(('method', 'regularizers', i), lines)}: method.regularizers.{i}: the {options.name} regulariser "
+                f"penalises the method's weight change, which method '{recipe.method.name}' does not expose "
+                f"(its initialisation moves W). Use it with {able}, or use kl / replay."
+            )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 from pydantic import BaseModel
 
 from .methods import METHODS
+from .methods.regularizer_options import REGULARIZER_OPTIONS
 from .recipe_schema import CalibrationConfig, DataConfig, EvalConfig, EvalTask, ModelConfig, OutputConfig, TrainingConfig
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
@@ -41,6 +42,8 @@ def _default(field) -> str:
 
 
 def _type(field) -> str:
+    if "RegularizerOptions" in str(field.annotation):
+        return "list[regulariser]"
     text = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
     return text.replace("|", "\\|")
 
@@ -61,6 +64,13 @@ def render() -> str:
     parts.append("## `method`\n\n`method.name` picks the method; the other keys are that method's options.\n")
     for name, method in METHODS.items():
         parts.append(section_table(f"method: {name}", method.Options))
+    parts.append(
+        "## `method.regularizers[]`\n\nAny method takes functional regularisers on top, each at most once, "
+        "e.g. `regularizers: [{name: kl, strength: 0.5}, {name: replay, rho: 0.1}]` "
+        "(docs/methods/composition.md). `name` picks one; the other keys are its options.\n"
+    )
+    for name, options in REGULARIZER_OPTIONS.items():
+        parts.append(section_table(f"regularizers[]: {name}", options))
     return "\n".join(parts)
 
 

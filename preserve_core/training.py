@@ -26,6 +26,7 @@ from .errors import PPFTError, RecipeError, TrainingDiverged
 from .guards import all_finite, optimizer_tensors
 from .methods import METHODS, MethodContext
 from .methods.base import unwrap_model
+from .methods.regularizers import Regularizers, regularizer_needs
 from .models import load_model, load_tokenizer, model_fingerprint, resolve_target_modules, write_model_card
 from .progress import TrainingProgress
 from .runlock import run_lock
@@ -98,11 +99,12 @@ def make_accelerator(recipe) -> Accelerator:
 
 
 def setup_method(recipe, model, tokenizer, accelerator):
-    """Instantiate the recipe's method (running or reusing calibration when it needs one) and prepare the model."""
+    """Instantiate the recipe's method and its regularisers (running or reusing calibration when
+    either needs one), prepare the model, attach the regularisers; returns ``(method, model, regularizers)``."""
     method_cls = METHODS[recipe.method.name]
     targets = resolve_target_modules(model, recipe.model.target_modules)
     calibration = None
-    if method_cls.needs_for(recipe.method):
+    if method_cls.needs_for(recipe.method) | regularizer_needs(recipe.method.regularizers):
         from .calibration import ensure_calibration
 
         calibration = ensure_calibration(recipe, model, tokenizer, method_cls, accelerator)
@@ -116,7 +118,9 @@ def setup_method(recipe, model, tokenizer, accelerator):
     )
     method = method_cls(recipe.method, ctx)
     model = method.prepare_model(model)
-    return method, model
+    regularizers = Regularizers(recipe.method.regularizers, ctx)
+    regularizers.attach(model, method)
+    return method, model, regularizers
 
 
 @dataclass
@@ -146,10 +150,10 @@ def train(recipe, resume: bool = False, show_progress: bool = True, allow_change
         return _train_locked(recipe, accelerator, run_dir, start, show_progress)
 
 
-def _restore(start: ResumePoint, method, model, optimizer, scheduler) -> TrainState:
+def _restore(start: ResumePoint, method, model, optimizer, scheduler, regularizers) -> TrainState:
     """Load the checkpoint; with accepted changes, the new recipe's optimizer settings and schedule apply."""
     fresh = optimizer_hyperparameters(optimizer)
-    state = load_checkpoint(start.checkpoint, method, model, optimizer, scheduler)
+    state = load_checkpoint(start.checkpoint, method, model, optimizer, scheduler, regularizers)
     if start.changes:
         apply_new_hyperparameters(optimizer, scheduler, fresh, state.step)
     return state
@@ -161,13 +165,13 @@ def _train_locked(recipe, accelerator, run_dir: Path, start: ResumePoint | None,
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model, accelerator.device)
     fingerprint = model_fingerprint(model)
-    method, model = setup_method(recipe, model, tokenizer, accelerator)
+    method, model, regularizers = setup_method(recipe, model, tokenizer, accelerator)
     dataset, truncation = build_train_dataset(recipe, tokenizer)
-    dataset = method.training_data(dataset)
+    dataset = regularizers.training_data(method.training_data(dataset))
     eval_set, _ = build_eval_dataset(recipe, tokenizer)
     optimizer = method.build_optimizer(model, recipe.training)
     scheduler = build_scheduler(optimizer, recipe.training)
-    state = _restore(start, method, model, optimizer, scheduler) if start else TrainState()
+    state = _restore(start, method, model, optimizer, scheduler, regularizers) if start else TrainState()
     state.recipe = recipe.resolved()
     model, optimizer = accelerator.prepare(model, optimizer)
     log = MetricsLog(run_dir, accelerator.is_main_process, recipe.training.tensorboard)
@@ -181,6 +185,7 @@ def _train_locked(recipe, accelerator, run_dir: Path, start: ResumePoint | None,
         extra = _manifest_extra(recipe, fingerprint, model, method, truncation, len(dataset), accelerator)
         write_manifest(run_dir, recipe, {**extra, "resumed": resumed} if resumed else extra)
     loop = TrainingLoop(recipe, accelerator, model, optimizer, scheduler, method, tokenizer, dataset, eval_set, log, state)
+    loop.regularizers = regularizers  # the loop adds their loss terms and checkpoints their state
     try:
         result = loop.run(show_progress)
     finally:
@@ -195,6 +200,7 @@ def _manifest_extra(recipe, fingerprint, model, method, truncation, n_examples, 
     return {
         "model_fingerprint": fingerprint,
         "method": recipe.method.name,
+        "regularizers": [r.name for r in recipe.method.regularizers],
         "target_modules": method.ctx.target_modules,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "data": {"train": recipe.data.train, "train_sha256": data_fingerprint(recipe.data.train), "examples": n_examples},
@@ -234,6 +240,7 @@ class TrainingLoop:
         self.pad_id = pad
         self.metrics: list[dict] = []
         self.retention = None
+        self.regularizers = Regularizers([], None)
 
     def run(self, show_progress: bool) -> TrainResult:
         from .retention import RetentionTracker
@@ -264,7 +271,7 @@ class TrainingLoop:
             with self.accelerator.accumulate(self.model), self.accelerator.autocast():
                 outputs = self.model(**batch)
                 loss = outputs.loss
-                extra = self.method.extra_loss(self.model, batch, outputs)
+                extra = self.extra_loss(batch, outputs)
                 if extra is not None:
                     loss = loss + extra
                 self.accelerator.backward(loss)  # Accelerate divides by grad_accum
@@ -285,6 +292,13 @@ class TrainingLoop:
         tokens = int(self._sum_over_ranks(tokens))
         self.state.tokens += tokens
         return total, tokens, time.perf_counter() - start, grad_norm
+
+    def extra_loss(self, batch: dict, outputs) -> torch.Tensor | None:
+        """The method's extra loss, then its regularisers' (in that order: FoLoRA reads the task
+        batch's layer inputs before a regulariser's own forward passes), summed; None if neither adds one."""
+        terms = [self.method.extra_loss(self.model, batch, outputs), self.regularizers.extra_loss(self.model, batch, outputs)]
+        terms = [t for t in terms if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
 
     def _trainable(self):
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -379,8 +393,9 @@ class TrainingLoop:
         if self.accelerator.is_main_process:
             model = unwrap_model(self.model)
             path = save_checkpoint(
-                self.recipe.run_dir(), self.state, self.method, model, self.optimizer, self.scheduler, self.cfg.keep_last
-            )
+                self.recipe.run_dir(), self.state, self.method, model, self.optimizer, self.scheduler, self.cfg.keep_last,
+                self.regularizers,
+            )  # fmt: skip
         self.accelerator.wait_for_everyone()
         return path
 

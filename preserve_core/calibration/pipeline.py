@@ -158,6 +158,27 @@ def _write(directory: Path, manifest: dict, preserve: tuple, result: StatsResult
     replace_dir_atomically(directory, fill)
 
 
+def extra_providers(recipe, method_cls) -> dict:
+    """``{extra name: fn(model, tokenizer, preserve_texts) -> tensors}``: the method's own extra (under
+    its name) and each of ``method.regularizers``' (under the regulariser's name), where they add one."""
+    from functools import partial
+
+    from ..methods.regularizers import REGULARIZERS
+
+    providers = {}
+    if method_cls.has_calibration_extra(recipe.method):
+        providers[method_cls.name] = partial(_method_extra, method_cls, recipe=recipe)
+    for options in recipe.method.regularizers:
+        reg = REGULARIZERS[options.name]
+        if reg.has_calibration_extra(options):
+            providers[reg.name] = partial(reg.calibrate_extra, recipe=recipe, options=options)
+    return providers
+
+
+def _method_extra(method_cls, model, tokenizer, preserve_texts, recipe):
+    return method_cls.calibrate_extra(model, tokenizer, preserve_texts, recipe)
+
+
 def _run(recipe, model: nn.Module, tokenizer, method_cls, dist: Dist, identity: dict, which: list[str]) -> Calibration:
     directory = recipe.calibration_dir()
     was_training = model.training
@@ -169,7 +190,7 @@ def _run(recipe, model: nn.Module, tokenizer, method_cls, dist: Dist, identity: 
         result = compute_stats(recipe, model, tokenizer, sequences, which, dist)
         if dist.is_main:
             try:
-                extras = {method_cls.name: method_cls.calibrate_extra(model, tokenizer, texts, recipe)}
+                extras = {name: fn(model, tokenizer, texts) for name, fn in extra_providers(recipe, method_cls).items()}
                 manifest = build_manifest(identity, texts, result.n_task, result, dist)
                 _write(directory, manifest, (texts, ids, sidecar), result, extras)
             except BaseException as e:  # every rank must hear of it, or the others wait forever
@@ -220,27 +241,23 @@ def load_calibration(recipe, model: nn.Module) -> Calibration:
     return Calibration(directory, manifest)
 
 
-def _has_own_extra(method_cls) -> bool:
-    from ..methods.base import Method
-
-    return getattr(method_cls.calibrate_extra, "__func__", None) is not Method.calibrate_extra.__func__
-
-
 def _add_missing_extra(cal: Calibration, model: nn.Module, tokenizer, method_cls, recipe, dist: Dist) -> Calibration:
-    """Reused output made for another method: compute this method's extras and add them in place."""
-    if method_cls.name in cal.manifest.get("extras", []) or not _has_own_extra(method_cls):
+    """Reused output made for another method: compute the extras this run needs and add them in place."""
+    missing = {n: fn for n, fn in extra_providers(recipe, method_cls).items() if n not in cal.manifest.get("extras", [])}
+    if not missing:
         return cal
     error = None
     if dist.is_main:
         was_training = model.training
         model.eval()
         try:
-            tensors = method_cls.calibrate_extra(model, tokenizer, cal.preserve_texts, recipe)
-            final = cal.dir / EXTRAS / f"{method_cls.name}.safetensors"
-            tmp = final.with_name(f".{final.name}.tmp")
-            save_tensors(tmp, tensors)
-            tmp.replace(final)
-            write_json(cal.dir / MANIFEST, {**cal.manifest, "extras": sorted({*cal.manifest["extras"], method_cls.name})})
+            for name, fn in missing.items():
+                final = cal.dir / EXTRAS / f"{name}.safetensors"
+                tmp = final.with_name(f".{final.name}.tmp")
+                save_tensors(tmp, fn(model, tokenizer, cal.preserve_texts))
+                tmp.replace(final)
+            manifest = read_manifest(cal.dir)
+            write_json(cal.dir / MANIFEST, {**manifest, "extras": sorted({*manifest["extras"], *missing})})
         except BaseException as e:
             error = e
         finally:

@@ -29,7 +29,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from pydantic import Field, model_validator
+
 from ..recipe_schema import StrictModel
+from .regularizer_options import RegularizerConfig
 
 if TYPE_CHECKING:
     from ..calibration import Calibration
@@ -45,6 +48,24 @@ class MethodOptions(StrictModel):
     """Base of every method's options. Subclasses set ``name: Literal["<method>"] = "<method>"``."""
 
     name: str
+    regularizers: list[RegularizerConfig] = Field(
+        default_factory=list,
+        description="Functional regularisers on top of the method, each at most once: "
+        "kl, replay, l2sp, ewc (docs/methods/composition.md).",
+    )
+
+    @model_validator(mode="after")
+    def _regularizers_unique(self) -> MethodOptions:
+        names = [r.name for r in self.regularizers]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"regularizers: {', '.join(repeated)} listed more than once; merge them into one entry")
+        if self.name in names:
+            raise ValueError(
+                f"regularizers: method '{self.name}' already is the {self.name} regulariser on a form; "
+                f"set its options on the method, or use method.name: full/lora with regularizers: [{{name: {self.name}}}]"
+            )
+        return self
 
 
 @dataclass
@@ -71,6 +92,7 @@ class Method:
     Options: ClassVar[type[MethodOptions]]
     needs: ClassVar[frozenset[str]] = frozenset()
     is_adapter: ClassVar[bool] = False  # True: export is a PEFT adapter, --merge gives full weights
+    has_weight_deltas: ClassVar[bool] = False  # True: weight_deltas() works (the l2sp / ewc regularisers need it)
 
     def __init__(self, options: MethodOptions, ctx: MethodContext):
         self.options = options
@@ -104,7 +126,30 @@ class Method:
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         return None
 
+    # -- the weight change, for regularisers that read it (l2sp, ewc) ------------------------------
+    def track_weight_deltas(self) -> None:
+        """Called once after ``prepare_model``, before training: keep what :meth:`weight_deltas` needs
+        (e.g. a copy of the pretrained weights). Methods with ``has_weight_deltas`` override it."""
+        raise NotImplementedError(f"method {self.name} does not expose its weight change")
+
+    def weight_deltas(self) -> dict[str, torch.Tensor]:
+        """``{base parameter name: dW}`` with grad: the change of each base weight the method trains."""
+        raise NotImplementedError(f"method {self.name} does not expose its weight change")
+
+    def delta_names(self) -> list[str]:
+        """The keys of :meth:`weight_deltas`."""
+        return list(self.weight_deltas())
+
+    def weight_delta_sq_norm(self) -> torch.Tensor:
+        """``sum ||dW||_F^2`` over :meth:`weight_deltas` (a scalar with grad)."""
+        return sum((d.float() ** 2).sum() for d in self.weight_deltas().values())
+
     # -- calibration ----------------------------------------------------------------------------
+    @classmethod
+    def has_calibration_extra(cls, options: MethodOptions) -> bool:
+        """Whether ``calibrate_extra`` adds anything for this configuration (default: when it is overridden)."""
+        return getattr(cls.calibrate_extra, "__func__", None) is not Method.calibrate_extra.__func__
+
     @classmethod
     def calibrate_extra(cls, model: nn.Module, tokenizer, preserve_texts: list[str], recipe: Recipe) -> dict[str, torch.Tensor]:
         """Extra tensors to cache with the calibration output (default: none)."""

@@ -86,6 +86,7 @@ class Folora(Method):
     Options = FoloraOptions
     needs = frozenset({PRESERVE_STATS, TASK_STATS})
     is_adapter = True
+    has_weight_deltas = True
 
     def __init__(self, options: FoloraOptions, ctx):
         super().__init__(options, ctx)
@@ -220,6 +221,14 @@ class Folora(Method):
                 w.basis.copy_(basis.vectors)  # the layers of one input share one tensor: copied once
         self.values[key] = basis.values
         self.rebased.add(key)
+
+    # -- the weight change (l2sp / ewc regularisers) --------------------------------------------
+    def track_weight_deltas(self) -> None:
+        return None  # dW = (alpha/r) B A~ V^T needs nothing kept
+
+    def weight_deltas(self) -> dict[str, torch.Tensor]:
+        """``{"<module>.weight": (alpha/r) B A~ V_K^T}`` with grad, float32 [m, n]."""
+        return {f"{name}.weight": w.delta_weight() for name, w in self.wrappers.items()}
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

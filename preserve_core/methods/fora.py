@@ -60,12 +60,14 @@ class Fora(Method):
     Options = ForaOptions
     needs = frozenset({PRESERVE_STATS})
     is_adapter = True  # form: lora (the default); instances with form: full say False
+    has_weight_deltas = True
 
     def __init__(self, options: ForaOptions, ctx):
         super().__init__(options, ctx)
         self.is_adapter = options.form == "lora"
         self.layers: dict[str, ForaLinear] = {}
         self.anchors: dict[str, torch.Tensor] = {}
+        self.w0: dict[str, torch.Tensor] = {}  # full form, when a regulariser reads weight_deltas
 
     @classmethod
     def needs_for(cls, options: ForaOptions) -> frozenset[str]:
@@ -114,6 +116,23 @@ class Fora(Method):
             params, lr=training.lr, betas=training.adam_betas, eps=training.adam_eps,
             weight_decay=training.weight_decay, projectors=projectors, anchors=anchors,
         )  # fmt: skip
+
+    # -- the weight change (l2sp / ewc regularisers) --------------------------------------------
+    def track_weight_deltas(self) -> None:
+        """Full form: keep ``W_0`` of every layer (the weight-decay anchor when there is one)."""
+        if self.options.form == "full" and not self.w0:
+            self.w0 = {n: self.anchors[n] if n in self.anchors else l.base.weight.detach().clone() for n, l in self.layers.items()}
+
+    def weight_deltas(self) -> dict[str, torch.Tensor]:
+        """``{"<module>.weight": dW}`` with grad: ``(W - W_0) + U_c diag(delta) V_c^T`` (full form) or
+        ``(alpha/r) B' A' + U_c diag(delta) V_c^T`` (LoRA form), float32 [m, n]."""
+        deltas = {}
+        for name, layer in self.layers.items():
+            delta = layer.added_weight()
+            if self.options.form == "full":
+                delta = delta + (layer.base.weight - self.w0[name]).float()
+            deltas[f"{name}.weight"] = delta
+        return deltas
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

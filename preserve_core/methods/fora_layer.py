@@ -105,6 +105,17 @@ class ForaLinear(nn.Module):
             return None
         return torch.cat([a for a, _ in parts], 0).detach(), torch.cat([b for _, b in parts], 1).detach()
 
+    def added_weight(self) -> torch.Tensor:
+        """The update the layer adds on top of ``base.weight``, float32 [m, n], with grad
+        (LoRA form: branch and channel; full form: the channel; zeros when there is neither)."""
+        parts = [self.branch_factors()] if self.r else []
+        if self.delta is not None:
+            parts.append(self.channel_factors())
+        added = torch.zeros(self.base.weight.shape, device=self.base.weight.device)
+        for a, b in parts:
+            added = added + b @ a
+        return added
+
     def merged_weight(self) -> torch.Tensor:
         """``W + dW`` in ``W``'s dtype."""
         factors = self.update_factors()

@@ -4,31 +4,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-from torch import nn
-
-from .base import Method, MethodOptions
+from .base import MethodOptions
+from .forms import FormMethod, unfreeze_targets
 
 
 class FullOptions(MethodOptions):
     name: Literal["full"] = "full"
 
 
-def unfreeze_targets(model: nn.Module, target_modules: list[str], train_embeddings: bool) -> None:
-    """Freeze everything, then let the target linears (weight and bias) train; optionally embeddings too."""
-    model.requires_grad_(False)
-    modules = dict(model.named_modules())
-    for name in target_modules:
-        modules[name].requires_grad_(True)
-    if train_embeddings:
-        model.get_input_embeddings().requires_grad_(True)
-        if model.get_output_embeddings() is not None:
-            model.get_output_embeddings().requires_grad_(True)
+class FullFineTune(FormMethod):
+    """The target linears train (``form: full``); keeps no copy of ``W_0`` unless a regulariser asks."""
 
-
-class FullFineTune(Method):
     name = "full"
     Options = FullOptions
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        unfreeze_targets(model, self.ctx.target_modules, self.ctx.recipe.model.train_embeddings)
-        return model
+    def keeps_theta0(self) -> bool:
+        return False
+
+
+__all__ = ["FullFineTune", "FullOptions", "unfreeze_targets"]

@@ -1,0 +1,162 @@
+"""Regulariser composition (``method.regularizers``): strict validation, the baselines as a form plus
+one regulariser (same numbers), penalties and KL on FORA checked from their definitions in float64,
+calibration extras as the union, and exact resume with regularisers."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_baselines import PRESERVE_TEXTS, SMALL_CALIBRATION, fake_calibration
+from test_recipe_and_cli import cli
+
+from preserve_core.checkpoint import list_checkpoints
+from preserve_core.methods.kl_terms import PreserveBatches, pad_sequences
+from preserve_core.methods.regularizers import Regularizers
+from preserve_core.methods.regularizers.kl import preserve_sequences
+from preserve_core.methods import METHODS, MethodContext
+from preserve_core.models import load_model, load_tokenizer, resolve_target_modules
+from preserve_core.recipe import load_recipe
+from preserve_core.training import train
+
+FORA_FULL = {"name": "fora", "form": "full", "rank": 4, "u_rank": 2, "spectral_size": 2}
+
+
+def run(path, resume=False):
+    return train(load_recipe(path), resume=resume, show_progress=False)
+
+
+def calibrated(write_recipe, tmp_path, name: str, method: dict, **training):
+    calibration = {**SMALL_CALIBRATION, "dir": str(tmp_path / "calibration")}
+    return write_recipe(name, method=method, calibration=calibration, training={"max_steps": 3, "lr": 1e-2, **training})
+
+
+@pytest.mark.parametrize(
+    "regularizers,expect",
+    [
+        ([{"name": "kll"}], "unknown regulariser 'kll'. Did you mean 'kl'?"),
+        ([{"name": "kl", "strenght": 1}], "method.regularizers.0.strenght: unknown key. Did you mean 'strength'?"),
+        ([{"name": "replay", "rho": 1.5}], "method.regularizers.0.rho"),
+        ([{"name": "kl"}, {"name": "replay"}, {"name": "kl", "strength": 2}], "kl listed more than once"),
+    ],
+)
+def test_bad_regularizers_exit_2_with_the_key(write_recipe, regularizers, expect):
+    result = cli("validate", write_recipe(method={**FORA_FULL, "regularizers": regularizers}))
+    assert result.exit_code == 2 and expect in " ".join(result.output.split()), result.output
+
+
+def test_a_baseline_cannot_take_its_own_regulariser_and_residual_inits_take_no_weight_penalty(write_recipe):
+    result = cli("validate", write_recipe(method={"name": "kl", "regularizers": [{"name": "kl"}]}))
+    assert result.exit_code == 2 and "already is the kl regulariser" in result.output
+    result = cli("validate", write_recipe(method={"name": "pissa", "r": 2, "regularizers": [{"name": "l2sp"}]}))
+    assert result.exit_code == 2 and "does not expose" in result.output
+    ok = cli("validate", write_recipe(method={"name": "pissa", "r": 2, "regularizers": [{"name": "kl"}]}))
+    assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize(
+    "baseline,composed",
+    [
+        ({"name": "kl", "strength": 3.0, "preserve_batch_size": 4}, {"name": "full"}),
+        ({"name": "replay", "rho": 0.3, "form": "lora", "r": 2, "alpha": 4}, {"name": "lora", "r": 2, "alpha": 4}),
+        ({"name": "l2sp", "strength": 50.0}, {"name": "full"}),
+    ],
+)
+def test_baseline_equals_its_form_plus_the_regulariser(write_recipe, tmp_path, baseline, composed):
+    """``kl`` == ``full`` + kl regulariser (and so on), bitwise: the refactor changed no result."""
+    options = {k: v for k, v in baseline.items() if k not in ("name", "form", "r", "alpha")}
+    composed = {**composed, "regularizers": [{"name": baseline["name"], **options}]}
+    a = run(calibrated(write_recipe, tmp_path, "baseline", baseline, grad_accum=2))
+    b = run(calibrated(write_recipe, tmp_path, "composed", composed, grad_accum=2))
+    assert [m["loss"] for m in a.metrics if "loss" in m] == [m["loss"] for m in b.metrics if "loss" in m]
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def perturbed_fora(write_recipe, form: str, regularizers: list[dict]):
+    """A prepared FORA model (fake calibration) with its regularisers attached, trainables moved randomly."""
+    extra = {"r": 2} if form == "lora" else {}
+    recipe = load_recipe(write_recipe(method={**FORA_FULL, "form": form, **extra, "regularizers": regularizers}))
+    tokenizer, model = load_tokenizer(recipe.model), load_model(recipe.model, "cpu")
+    calibration = fake_calibration(model)
+    calibration.input_key = lambda name: name
+    assert calibration.preserve_texts == PRESERVE_TEXTS
+    targets = resolve_target_modules(model, recipe.model.target_modules)
+    method = METHODS["fora"](recipe.method, MethodContext(recipe, tokenizer, targets, torch.device("cpu"), calibration=calibration))
+    model = method.prepare_model(model)
+    regs = Regularizers(recipe.method.regularizers, method.ctx)
+    regs.attach(model, method)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return method, model, recipe, regs
+
+
+@pytest.mark.parametrize("form", ["full", "lora"])
+def test_l2sp_on_fora_is_half_alpha_times_the_merged_weight_change(write_recipe, form):
+    method, model, recipe, regs = perturbed_fora(write_recipe, form, [{"name": "l2sp", "strength": 0.4}])
+    base = load_model(recipe.model, "cpu")
+    expected = 0.0
+    for name, layer in method.layers.items():  # merged W + dW against the untouched model's W, float64
+        w0 = base.get_submodule(name).weight.double()
+        expected += float(((layer.merged_weight().double() - w0.detach()) ** 2).sum())
+    assert expected > 0
+    assert float(regs.extra_loss(model, {}, None).detach()) == pytest.approx(0.2 * expected, rel=1e-4)
+
+
+def test_kl_regulariser_on_fora_matches_the_definition(write_recipe):
+    """``lambda T^2 mean_positions KL(p_0^T || p^T)`` against the untouched model, in float64."""
+    reg = {"name": "kl", "strength": 0.5, "temperature": 2.0, "preserve_batch_size": 3, "seed": 7}
+    method, model, recipe, regs = perturbed_fora(write_recipe, "full", [reg])
+    base = load_model(recipe.model, "cpu").eval()
+    ids, lengths = pad_sequences(preserve_sequences(method.ctx.calibration.preserve_texts, method.ctx.tokenizer, 32), 0)
+    index = PreserveBatches(len(lengths), 3, 7).next()
+    model.eval()
+    with torch.no_grad():
+        got = float(regs.extra_loss(model, {}, None))
+        total, count = 0.0, 0
+        for i in index:  # one sequence at a time, no padding
+            x = ids[i : i + 1, : int(lengths[i])]
+            log_p = torch.log_softmax(model(input_ids=x).logits.double() / 2, -1)
+            log_p0 = torch.log_softmax(base(input_ids=x).logits.double() / 2, -1)
+            total += float((log_p0.exp() * (log_p0 - log_p)).sum())
+            count += x.shape[1]
+    assert total > 0 and got == pytest.approx(0.5 * 4 * total / count, rel=1e-4)
+    assert int(regs.state_dict()["kl/preserve_draws"]) == 1
+
+
+def test_fora_with_ewc_and_kl_calibrates_the_union_and_trains(write_recipe, tmp_path):
+    method = {**FORA_FULL, "regularizers": [{"name": "ewc", "strength": 2.0}, {"name": "kl", "reference": "cached"}]}
+    result = run(calibrated(write_recipe, tmp_path, "fora-ewc-kl", method))
+    cal = load_recipe(calibrated(write_recipe, tmp_path, "fora-ewc-kl", method)).calibration_dir()
+    import json
+
+    manifest = json.loads((cal / "manifest.json").read_text())
+    assert manifest["extras"] == ["ewc", "kl"] and (cal / "preserve_stats.safetensors").exists()
+    assert json.loads((result.run_dir / "manifest.json").read_text())["regularizers"] == ["ewc", "kl"]
+
+
+def test_resume_with_regularizers_is_exact(write_recipe, tmp_path):
+    method = {**FORA_FULL, "regularizers": [{"name": "kl", "strength": 2.0, "preserve_batch_size": 3}, {"name": "replay", "rho": 0.3}]}
+    common = {"max_steps": 4, "save_every": 2, "keep_last": 5, "grad_accum": 2}
+    straight = run(calibrated(write_recipe, tmp_path, "straight", method, **common))
+    path = calibrated(write_recipe, tmp_path, "resumed", method, **common)
+    first = run(path)
+    shutil.rmtree(first.run_dir / "final")
+    shutil.rmtree(list_checkpoints(first.run_dir)[-1])
+    assert int(load_file(list_checkpoints(first.run_dir)[-1] / "regularizers.safetensors")["kl/preserve_draws"]) == 4
+    run(path, resume=True)
+    a = load_file(straight.run_dir / "final" / "model.safetensors")
+    b = load_file(first.run_dir / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bench_rows_are_labelled_with_their_regularizers():
+    from preserve_core.bench import default_label
+
+    assert default_label({"name": "fora", "regularizers": [{"name": "kl"}, {"name": "replay", "rho": 0.1}]}) == "fora+kl+replay"
+    assert default_label({"name": "kl"}) == "kl"
