@@ -89,7 +89,7 @@ def test_set_method_name_replaces_the_block_keeping_same_command_options(write_r
     """--set method.name=lora on a FORA recipe: FORA's form/energy/spectral_size go, --set method.r stays."""
     sets = ["method.r=3", "method.name=lora"] if order == "set_before" else ["method.name=lora", "method.r=3"]
     recipe = load_recipe(write_recipe(method=FORA_METHOD), sets)
-    assert recipe.method.model_dump() == {"name": "lora", "r": 3, "alpha": 16.0, "dropout": 0.0, "use_rslora": False}
+    assert recipe.method.model_dump() == {"name": "lora", "r": 3, "alpha": 16.0, "dropout": 0.0, "use_rslora": False, "regularizers": []}
 
 
 def test_set_method_name_same_method_keeps_file_options(write_recipe):
@@ -109,7 +109,7 @@ def test_shipped_real_model_recipe_switches_method_from_command_line():
     result = cli("validate", REPO / "recipes" / "qwen3_1.7b_fora.yaml", "--set", "method.name=full")
     assert result.exit_code == 0, result.output
     recipe = load_recipe(REPO / "recipes" / "qwen3_1.7b_fora.yaml", ["method.name=full"], output_dir="unused")
-    assert recipe.method.model_dump() == {"name": "full"}
+    assert recipe.method.model_dump() == {"name": "full", "regularizers": []}
 
 
 def _base_and_child(tmp_path, tiny_task_file, base_method, child_method):
@@ -123,7 +123,7 @@ def _base_and_child(tmp_path, tiny_task_file, base_method, child_method):
 def test_extends_with_another_method_replaces_the_block(tmp_path, tiny_task_file):
     child = _base_and_child(tmp_path, tiny_task_file, FORA_METHOD, {"name": "lora", "r": 2})
     recipe = load_recipe(child)
-    assert recipe.method.model_dump() == {"name": "lora", "r": 2, "alpha": 16.0, "dropout": 0.0, "use_rslora": False}
+    assert recipe.method.model_dump() == {"name": "lora", "r": 2, "alpha": 16.0, "dropout": 0.0, "use_rslora": False, "regularizers": []}
     assert recipe.training.lr == 0.5
 
 
