@@ -53,9 +53,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def ensure_data(cfg: LabConfig, seed: int = 0) -> Path:
-    """Write (once) every skill's train/eval JSONL and the label-free ``preserve_mix``; returns the folder."""
+    """Write (once) every skill's train/eval JSONL and the label-free ``preserve_mix``; returns the folder.
+
+    A folder written before a new task was added gets that task's files added in place (the other
+    skills' files, identical by construction, are left as they are)."""
     final = data_dir(cfg, seed)
     if (final / "done").exists():
+        for skill in SKILLS:
+            if not (final / skill / "eval.jsonl").exists():
+                add_skill_data(final, skill, cfg, seed)
         return final
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -69,6 +75,17 @@ def ensure_data(cfg: LabConfig, seed: int = 0) -> Path:
     (tmp / "done").write_text("ok\n")
     _move_into_place(tmp, final)
     return final
+
+
+def add_skill_data(folder: Path, skill: str, cfg: LabConfig, seed: int) -> None:
+    """Write one skill's ``train.jsonl`` / ``eval.jsonl`` into an existing data folder (atomic: a
+    temporary folder renamed into place; a concurrent writer's identical copy wins)."""
+    train, evals = split_examples(skill, cfg.n_train, cfg.n_eval, seed)
+    tmp = folder / f".tmp-{skill}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _write_jsonl(tmp / "train.jsonl", train)
+    _write_jsonl(tmp / "eval.jsonl", evals)
+    _move_into_place(tmp, folder / skill)
 
 
 def write_preserve_mix_eval(folder: Path) -> Path:

@@ -88,6 +88,43 @@ def _double(rng):
     return w, "".join(c + c for c in w)
 
 
+# Further new tasks (issue 12): other transductions, digit tasks whose answers share the outputs of
+# sort / count, and prompts that start like an old skill's (``revx:`` vs ``rev:``, ``cntd:`` vs
+# ``cnt:``). Appended after the first ones, so neither the pretraining stream (it draws from
+# PRETRAIN_SKILLS only) nor any other skill's rows change: every skill has its own seeded RNG.
+def _rotate(rng):
+    k = rng.randint(2, 9)
+    w = _word(rng, 3, 7)
+    return f"{k},{w}", "".join(LETTERS[(LETTERS.index(c) + k) % 26] for c in w)
+
+
+def _interleave(rng):
+    n = rng.randint(2, 5)
+    a, b = _word(rng, n, n), _word(rng, n, n)
+    return f"{a},{b}", "".join(x + y for x, y in zip(a, b, strict=True))
+
+
+def _descend(rng):
+    w = _word(rng, 3, 8, DIGITS)
+    return w, "".join(sorted(w, reverse=True))
+
+
+def _digit_sum(rng):
+    w = _word(rng, 3, 8, DIGITS)
+    return w, str(sum(int(c) for c in w) % 10)
+
+
+def _count_digit(rng):
+    text = _word(rng, 4, 9, "01234")
+    digit = rng.choice(text)
+    return f"{digit},{text}", str(text.count(digit))
+
+
+def _mirror(rng):
+    w = _word(rng, 2, 6)
+    return w, w + w[::-1]
+
+
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in [
@@ -98,6 +135,12 @@ SKILLS: dict[str, Skill] = {
         Skill("count", "cnt", "counting", True, "count a letter's occurrences in a word over a-e", _count),
         Skill("shift", "sft", "string transduction (new)", False, "shift every letter by one (z -> a)", _shift),
         Skill("double", "dbl", "string transduction (new)", False, "double every letter of a word", _double),
+        Skill("rotate", "rot", "string transduction (new)", False, "shift every letter by k = 2-9 (z -> a)", _rotate),
+        Skill("interleave", "ilv", "string transduction (new)", False, "interleave two words of equal length", _interleave),
+        Skill("descend", "dsc", "sorting (new, outputs like sort)", False, "sort 3-8 digits descending", _descend),
+        Skill("digitsum", "dsum", "arithmetic (new, outputs like count)", False, "sum of 3-8 digits mod 10", _digit_sum),
+        Skill("countd", "cntd", "counting (new, prompt like count)", False, "count a digit's occurrences over 0-4", _count_digit),
+        Skill("mirror", "revx", "string transduction (new, prompt like reverse)", False, "a word then its reverse", _mirror),
     ]
 }
 PRETRAIN_SKILLS = [n for n, s in SKILLS.items() if s.pretrain]
