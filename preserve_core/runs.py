@@ -81,18 +81,30 @@ def write_manifest(run_dir: Path, recipe, extra: dict) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only), optionally mirrored to TensorBoard."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only), optionally mirrored to TensorBoard.
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    A fresh run starts a new log; a resumed one (``resume_step``) keeps only what was logged up to the
+    checkpoint, so every step appears once whatever happened to earlier attempts.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
-        if enabled and tensorboard:
+        if not enabled:
+            return
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        else:
+            self._truncate_after(resume_step)
+        if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise RecipeError("training.tensorboard: install tensorboard (pip install tensorboard)") from None
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1  # drops events logged after the checkpoint
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, **values) -> None:
         if not self.enabled:
@@ -104,12 +116,18 @@ class MetricsLog:
                 if isinstance(v, (int, float)):
                     self.writer.add_scalar(k, v, step)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the log matches the run."""
-        if not self.enabled or not self.path.exists():
+    def _truncate_after(self, step: int) -> None:
+        """Keep the lines logged up to ``step``; a line cut short by a crash is dropped too."""
+        if not self.path.exists():
             return
-        lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-        write_atomic(self.path, "".join(ln + "\n" for ln in lines))
+        kept = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+        write_atomic(self.path, "".join(kept))
 
     def close(self) -> None:
         if self.writer:

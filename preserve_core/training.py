@@ -174,10 +174,9 @@ def _train_locked(recipe, accelerator, run_dir: Path, start: ResumePoint | None,
     state = _restore(start, method, model, optimizer, scheduler, regularizers) if start else TrainState()
     state.recipe = recipe.resolved()
     model, optimizer = accelerator.prepare(model, optimizer)
-    log = MetricsLog(run_dir, accelerator.is_main_process, recipe.training.tensorboard)
+    log = MetricsLog(run_dir, accelerator.is_main_process, recipe.training.tensorboard, state.step if start else None)
     resumed = {}
     if start is not None:
-        log.truncate_after(state.step)
         resumed = {"checkpoint": start.checkpoint.name, "recipe_changes": start.changes}
         log.log(state.step, event="resume", **resumed)
         resumed["step"] = state.step
