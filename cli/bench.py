@@ -42,7 +42,8 @@ def bench(
                 progress.advance(bar)
         preserve = [t.name for t in resolved.eval.preserve]
         settings = {"steps": resolved.training.max_steps, "batch_size": resolved.training.batch_size,
-                    "seeds": resolved.bench.seeds, "model": resolved.model.name_or_path}  # fmt: skip
+                    "seeds": resolved.bench.seeds, "model": resolved.model.name_or_path,
+                    "held_out": [t.name for t in resolved.bench.tasks if t.held_out]}  # fmt: skip
         write_results(runner.out, records, base, preserve, settings)
         console.print(f"[green]done[/]: {len(records)} cells; {runner.out}/results.md, results.json, pareto.png")
 

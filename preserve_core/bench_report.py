@@ -2,8 +2,14 @@
 
 For each (task, method, lr), scores are averaged over seeds. The new-task standard error is the
 binomial one of the pooled accuracy; the preserve mean's is ``sqrt(sum_i se_i^2) / k`` over the k
-preserve tasks (independent binomials). A point is Pareto-optimal within its task when no other
-point has both a higher new-task accuracy and a higher preserve mean.
+preserve tasks (independent binomials). Beside them, the seed-to-seed spread: the per-seed scores'
+mean, sample standard deviation (``n - 1``) and minimum (``seed_spread``). A point is
+Pareto-optimal within its task when no other point has both a higher new-task accuracy and a
+higher preserve mean.
+
+Tasks marked ``held_out`` (``bench.tasks[].held_out``, listed in ``settings["held_out"]``) are not
+used to pick a method's learning rate: :func:`split_summary` picks it on the other ("tuned on")
+tasks and reports both groups at that rate.
 """
 
 from __future__ import annotations
@@ -21,6 +27,23 @@ def _pooled(scores: list[dict]) -> dict:
     p = sum(s["score"] * s["n"] for s in scores) / n if n else float("nan")
     se = math.sqrt(p * (1 - p) / n) if n and 0 <= p <= 1 else None
     return {"score": p, "n": n, "stderr": se}
+
+
+def seed_spread(values: list[float]) -> dict:
+    """``{"mean", "std", "min", "per_seed"}`` of per-seed scores; ``std`` is the sample one (None for one seed)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "min": min(values), "per_seed": values}
+
+
+def _seed_spreads(task: str, members: list[dict], preserve_names: list[str]) -> dict:
+    members = sorted(members, key=lambda m: m["seed"])
+    spread = {"new_task": seed_spread([m["scores"][task]["score"] for m in members])}
+    if preserve_names:
+        means = [sum(m["scores"][n]["score"] for n in preserve_names) / len(preserve_names) for m in members]
+        spread["preserve_mean"] = seed_spread(means)
+    return spread
 
 
 def aggregate(cells: list[dict], preserve_names: list[str]) -> list[dict]:
@@ -41,6 +64,8 @@ def aggregate(cells: list[dict], preserve_names: list[str]) -> list[dict]:
                 "new_task": target, "preserve_mean": {"score": mean, "stderr": math.sqrt(sum(s * s for s in ses)) / len(ses) if ses else None},
                 "preserve": skills, "kl_to_base": sum(kl) / len(kl) if kl else None,
                 "train_seconds": sum(m["train_seconds"] for m in members) / len(members),
+                "seed_spread": _seed_spreads(task, members, preserve_names),
+                "worst_preserve": min((s["score"] for s in skills.values()), default=None),
             }
         )  # fmt: skip
     mark_pareto(rows)
@@ -68,6 +93,46 @@ def best_per_method(rows: list[dict]) -> list[dict]:
     return sorted(best.values(), key=lambda r: (r["task"], -r["balanced"]))
 
 
+def split_summary(rows: list[dict], held_out: list[str]) -> list[dict]:
+    """Per method: the lr with the best mean of ``(new + preserve mean) / 2`` over the tuned-on tasks
+    (all tasks when none is tuned on), then, at that lr, per group (``tuned``, ``held_out``): the mean
+    and the worst task's new-task and preserve-mean accuracy, and the lowest single preserved skill."""
+    summary = []
+    tuned_names = sorted({r["task"] for r in rows} - set(held_out))
+    for method in sorted({r["method"] for r in rows}):
+        mine = [r for r in rows if r["method"] == method]
+        pick_from = [r for r in mine if r["task"] in tuned_names] or mine
+
+        def balanced(lr: float, pick_from=pick_from) -> float:
+            chosen = [r for r in pick_from if r["lr"] == lr]
+            return sum((r["new_task"]["score"] + r["preserve_mean"]["score"]) / 2 for r in chosen) / len(chosen)
+
+        lr = max(sorted({r["lr"] for r in pick_from}), key=balanced)
+        entry = {"method": method, "lr": lr, "lr_picked_on": "tuned" if tuned_names else "all"}
+        for group, names in (("tuned", tuned_names), ("held_out", sorted(set(held_out)))):
+            at = [r for r in mine if r["lr"] == lr and r["task"] in names]
+            entry[group] = _group(at) if at else None
+        summary.append(entry)
+    return summary
+
+
+def _group(rows: list[dict]) -> dict:
+    new = [r["new_task"]["score"] for r in rows]
+    kept = [r["preserve_mean"]["score"] for r in rows]
+    worst = [r["worst_preserve"] for r in rows if r.get("worst_preserve") is not None]
+    return {
+        "tasks": [r["task"] for r in rows], "new_mean": sum(new) / len(new), "new_min": min(new),
+        "preserve_mean": sum(kept) / len(kept), "preserve_min": min(kept), "worst_skill": min(worst) if worst else None,
+    }  # fmt: skip
+
+
+def _spread_pct(d: dict | None) -> str:
+    if not d:
+        return "-"
+    std = f" ± {100 * d['std']:.1f}" if d.get("std") is not None else ""
+    return f"{100 * d['mean']:.1f}{std} (min {100 * d['min']:.1f})"
+
+
 def _pct(d: dict | None) -> str:
     if not d or d.get("score") is None or math.isnan(d["score"]):
         return "-"
@@ -75,16 +140,42 @@ def _pct(d: dict | None) -> str:
     return f"{100 * d['score']:.1f}{se}"
 
 
+def summary_markdown(summary: list[dict], held_out: list[str]) -> list[str]:
+    out = [
+        "## Tuned on vs held out",
+        "",
+        f"Held-out tasks (not used to pick a method's learning rate): {', '.join(held_out) or 'none'}. Per method, the lr "
+        "with the best mean of (new task + preserve mean) / 2 over the tuned-on tasks, and at that lr: the mean over a "
+        "group's tasks / its worst task, and the lowest single preserved skill (percent).",
+        "",
+        "| method | lr | tuned: new (worst) | tuned: kept (worst) | held out: new (worst) | held out: kept (worst) | lowest skill held out |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for e in sorted(summary, key=lambda e: -((e["held_out"] or e["tuned"] or {}).get("preserve_mean", 0))):
+        cells = [e["method"], f"{e['lr']:g}"]
+        for group in ("tuned", "held_out"):
+            g = e[group]
+            cells += [f"{100 * g['new_mean']:.1f} ({100 * g['new_min']:.1f})", f"{100 * g['preserve_mean']:.1f} ({100 * g['preserve_min']:.1f})"] if g else ["-", "-"]
+        worst = (e["held_out"] or {}).get("worst_skill")
+        cells.append(f"{100 * worst:.1f}" if worst is not None else "-")
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def markdown(rows: list[dict], base: dict, preserve_names: list[str], settings: dict) -> str:
-    head = ["method", "lr", "new task", "preserve mean", *preserve_names, "KL to base", "Pareto"]
+    head = ["method", "lr", "new task", "preserve mean", "new task over seeds", "preserve mean over seeds",
+            *preserve_names, "KL to base", "Pareto"]  # fmt: skip
     out = [
         "# Bench results",
         "",
         f"Settings: {json.dumps(settings)}",
         "",
-        "Accuracies in percent (exact match, ± one standard error). 'preserve mean' averages the preserved skills.",
+        "Accuracies in percent (exact match, ± one standard error of the pooled binomial). 'preserve mean' averages "
+        "the preserved skills. '... over seeds': the per-seed scores' mean ± sample standard deviation (min over seeds).",
         "",
     ]
+    held_out = list(settings.get("held_out", []))
+    out += summary_markdown(split_summary(rows, held_out), held_out)
     for task in sorted({r["task"] for r in rows}):
         out += [f"## New task: {task}", "", f"Base model: new task {_pct(base.get(task))}, "
                 + ", ".join(f"{n} {_pct(base.get(n))}" for n in preserve_names), ""]  # fmt: skip
@@ -99,13 +190,15 @@ def _table(head: list[str], rows: list[dict], preserve_names: list[str]) -> list
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         kl = f"{r['kl_to_base']:.4f}" if r["kl_to_base"] is not None else "-"
+        spread = r.get("seed_spread", {})
         cells = [r["method"], f"{r['lr']:g}", _pct(r["new_task"]), _pct(r["preserve_mean"])]
+        cells += [_spread_pct(spread.get("new_task")), _spread_pct(spread.get("preserve_mean"))]
         cells += [_pct(r["preserve"][n]) for n in preserve_names] + [kl, "yes" if r["pareto"] else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
 
-def pareto_plot(rows: list[dict], base: dict, path: Path) -> None:
+def pareto_plot(rows: list[dict], base: dict, path: Path, held_out: list[str] = ()) -> None:
     """One panel per task: x = preserve mean accuracy, y = new-task accuracy; Pareto front drawn."""
     import matplotlib
 
@@ -127,7 +220,7 @@ def pareto_plot(rows: list[dict], base: dict, path: Path) -> None:
         ax.plot([100 * r["preserve_mean"]["score"] for r in front], [100 * r["new_task"]["score"] for r in front], "k--", lw=1, label="Pareto front")
         if task in base:
             ax.axhline(100 * base[task]["score"], color="grey", lw=0.8, ls=":", label="base (new task)")
-        ax.set_title(f"new task: {task}")
+        ax.set_title(f"new task: {task}" + (" (held out)" if task in held_out else ""))
         ax.set_xlabel("preserved skills, mean exact match (%)  → less forgetting")
         ax.set_ylabel("new task exact match (%)  → more learning")
         ax.grid(alpha=0.3)
@@ -141,7 +234,9 @@ def pareto_plot(rows: list[dict], base: dict, path: Path) -> None:
 
 def write_results(out: Path, cells: list[dict], base: dict, preserve_names: list[str], settings: dict) -> list[dict]:
     rows = aggregate(cells, preserve_names)
-    write_atomic(out / "results.json", json.dumps({"settings": settings, "base": base, "rows": rows, "cells": cells}, indent=2))
+    summary = split_summary(rows, list(settings.get("held_out", [])))
+    blob = {"settings": settings, "base": base, "summary": summary, "rows": rows, "cells": cells}
+    write_atomic(out / "results.json", json.dumps(blob, indent=2))
     write_atomic(out / "results.md", markdown(rows, base, preserve_names, settings))
-    pareto_plot(rows, base, out / "pareto.png")
+    pareto_plot(rows, base, out / "pareto.png", list(settings.get("held_out", [])))
     return rows

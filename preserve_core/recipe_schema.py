@@ -149,6 +149,9 @@ class BenchTask(StrictModel):
     eval: str = Field(..., description="Exact-match eval data (path, or lab:<skill> for its eval split).")
     max_new_tokens: int = Field(16, gt=0)
     limit: int | None = Field(None, gt=0, description="Score the first N eval examples.")
+    held_out: bool = Field(
+        False, description="Not used to pick each method's learning rate; reported apart ('tuned on' vs 'held out')."
+    )
 
 
 class BenchMethod(StrictModel):
