@@ -12,7 +12,6 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import RecipeError
@@ -25,20 +24,21 @@ from .recipe_schema import (
     EvalConfig,
     ModelConfig,
     OutputConfig,
+    Name,
     StrictModel,
     TrainingConfig,
 )
+from .recipe_yaml import Location, key_lines, parse_value, parse_yaml, printable_path, read_text
 
 MethodConfig = Annotated[Union[tuple(m.Options for m in METHODS.values())], Field(discriminator="name")]  # noqa: UP007
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
-Location = tuple[str, int]  # (file or "--set ...", line)
 
 
 class Recipe(StrictModel):
     """A whole recipe. ``name`` defaults to the recipe file's stem."""
 
-    name: str | None = None
+    name: Name | None = Field(None, description="Names the default run folder runs/<name>; default: the file's stem.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig
@@ -63,33 +63,12 @@ class Recipe(StrictModel):
 # ---------------------------------------------------------------------------------------------
 def _read_yaml(path: Path) -> tuple[dict, dict[tuple, Location]]:
     """Parse ``path``; return the data and a map from key path (tuple) to (file, line)."""
-    try:
-        text = path.read_text()
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except FileNotFoundError:
-        raise RecipeError(f"recipe file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    data, node = parse_yaml(read_text(path), printable_path(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of sections (model:, data:, method: ...)")
-    lines: dict[tuple, Location] = {}
-    _walk_nodes(node, (), str(path), lines)
-    return data, lines
-
-
-def _walk_nodes(node, prefix: tuple, file: str, lines: dict) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            path = (*prefix, key.value)
-            lines[path] = (file, key.start_mark.line + 1)
-            _walk_nodes(value, path, file, lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[(*prefix, i)] = (file, item.start_mark.line + 1)
-            _walk_nodes(item, (*prefix, i), file, lines)
+    return data, key_lines(node, str(path))
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -123,13 +102,24 @@ def _merge_recipe(parent: tuple[dict, dict], child: tuple[dict, dict]) -> tuple[
     return _deep_merge(parent_data, data), {**parent_lines, **lines}
 
 
-def _resolve_paths_in_place(data: dict, base_dir: Path) -> None:
-    """Make the relative local paths this file sets absolute, against the file's folder."""
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
-    def fix(section: dict | None, key: str, always_local: bool = False) -> None:
-        if isinstance(section, dict) and isinstance(section.get(key), str):
+
+def _list(value) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _resolve_paths_in_place(data: dict, base_dir: Path) -> None:
+    """Make the relative local paths this file sets absolute, against the file's folder.
+
+    Sections of the wrong type are left alone here: validation then reports them with their line.
+    """
+
+    def fix(section, key: str, always_local: bool = False) -> None:
+        if isinstance(section, dict) and isinstance(section.get(key), str) and "\0" not in section[key]:
             value = section[key]
-            section[key] = str((base_dir / value).expanduser().resolve()) if always_local else resolve_local_path(value, base_dir)
+            section[key] = _absolute(base_dir / value) if always_local else resolve_local_path(value, base_dir)
 
     fix(data.get("model"), "name_or_path")
     fix(data.get("data"), "train")
@@ -137,31 +127,47 @@ def _resolve_paths_in_place(data: dict, base_dir: Path) -> None:
     fix(data.get("calibration"), "preserve_data")
     fix(data.get("calibration"), "dir", always_local=True)
     fix(data.get("output"), "dir", always_local=True)
-    bench = data.get("bench") or {}
+    bench = _dict(data.get("bench"))
     fix(bench, "out_dir", always_local=True)
     fix(bench, "kl_data")
-    for task in bench.get("tasks") or []:
+    for task in _list(bench.get("tasks")):
         fix(task, "train")
         fix(task, "eval")
     for suite in ("target", "preserve"):
-        for task in (data.get("eval") or {}).get(suite) or []:
+        for task in _list(_dict(data.get("eval")).get(suite)):
             fix(task, "data")
             fix(task, "lm_eval_include_path")
+
+
+def _absolute(path: Path) -> str:
+    """``path`` expanded and made absolute; left as given if the OS cannot resolve it (validation says why)."""
+    try:
+        return str(path.expanduser().resolve())
+    except (OSError, RuntimeError, ValueError):
+        return str(path)
+
+
+def path_exists(path: str | Path) -> bool:
+    """``Path.exists`` that answers False instead of raising for names the OS refuses (too long, NUL)."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_local_path(value: str, base_dir: Path) -> str:
     """``lab:`` refs and hub names stay; local-looking or existing relative paths become absolute."""
     if value.startswith("lab:") or Path(value).is_absolute():
         return value
-    candidate = (base_dir / value).resolve()
-    looks_local = value.startswith((".", "~")) or value.endswith(DATA_SUFFIXES) or candidate.exists()
+    candidate = _absolute(base_dir / value)
+    looks_local = value.startswith((".", "~")) or value.endswith(DATA_SUFFIXES) or path_exists(candidate)
     if value.startswith("~"):
-        return str(Path(value).expanduser())
-    return str(candidate) if looks_local else value
+        return _absolute(Path(value))
+    return candidate if looks_local else value
 
 
 def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict]:
-    path = path.resolve()
+    path = Path(_absolute(path))
     if path in seen:
         raise RecipeError(f"{path}: 'extends' forms a cycle: {' -> '.join(map(str, (*seen, path)))}")
     data, lines = _read_yaml(path)
@@ -171,6 +177,8 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, d
         return data, lines
     if not isinstance(parent, str):
         raise RecipeError(f"{path}:{lines[('extends',)][1]}: extends: must be a path to another recipe")
+    if not parent.strip() or "\0" in parent:
+        raise RecipeError(f"{path}:{lines[('extends',)][1]}: extends: {parent!r} is not a file path")
     return _merge_recipe(_load_with_extends((path.parent / parent), (*seen, path)), (data, lines))
 
 
@@ -183,10 +191,7 @@ def parse_override(override: str) -> tuple[list[Any], Any]:
     if not sep or not key.strip():
         raise RecipeError(f"--set {override!r}: expected key.path=value, for example --set training.lr=3e-4")
     parts: list[Any] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise RecipeError(f"--set {override!r}: the value is not valid YAML: {e}") from None
+    value = parse_value(raw, f"--set {override!r}") if raw.strip() else ""
     return parts, value
 
 
@@ -210,19 +215,20 @@ def apply_override(data: dict, lines: dict, override: str) -> None:
     """Apply ``key.path=value`` (value parsed as YAML) to ``data``; list items by index."""
     parts, value = parse_override(override)
     node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not isinstance(part, int) or part >= len(node):
-                raise RecipeError(f"--set {override!r}: {'.'.join(map(str, parts[: i + 1]))} is not an item of the list")
-            node = node[part]
-            continue
-        if not isinstance(node.get(part), (dict, list)):
-            node[part] = {}
+    for i, part in enumerate(parts):
+        here = ".".join(map(str, parts[: i + 1]))
+        if isinstance(node, list) and (not isinstance(part, int) or part >= len(node)):
+            raise RecipeError(f"--set {override!r}: {here} is not an item of the list (it has {len(node)})")
+        if not isinstance(node, (dict, list)):
+            shown = ".".join(map(str, parts[:i]))
+            raise RecipeError(f"--set {override!r}: {shown} is {_short_repr(node)} in the recipe, not a section; set {shown} itself")
+        if i == len(parts) - 1:
+            node[part] = value
+        elif isinstance(node, dict) and node.get(part) is None:
+            node[part] = {}  # a section the recipe does not write yet
         node = node[part]
-    if isinstance(node, list):
-        if not isinstance(parts[-1], int) or parts[-1] >= len(node):
-            raise RecipeError(f"--set {override!r}: no list item {parts[-1]}")
-    node[parts[-1]] = value
+    for loc in [loc for loc in lines if loc[: len(parts)] == tuple(parts)]:
+        del lines[loc]  # the file's lines for what this value replaced
     lines[tuple(parts)] = (f"--set {override}", 0)
 
 
@@ -300,7 +306,12 @@ def _describe_error(err: dict, lines: dict) -> str:
         return f"{where}: method.name: unknown method '{name}'.{hint} Available: {', '.join(METHODS)}."
     if err["type"] == "missing":
         return f"{where}: {dotted}: required key is missing."
-    return f"{where}: {dotted}: {err['msg']} (got {err.get('input')!r})."
+    return f"{where}: {dotted}: {err['msg']} (got {_short_repr(err.get('input'))})."
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def validate_recipe(data: dict, lines: dict) -> Recipe:
@@ -339,9 +350,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir
     for override in overrides or []:
         apply_override(data, lines, override)
         _resolve_paths_in_place(data, Path.cwd())
-    if output_dir is not None:
-        data.setdefault("output", {})["dir"] = str(Path(output_dir).resolve())
-    data.setdefault("name", path.stem)
+    if output_dir is not None and isinstance(data.setdefault("output", {}), dict):
+        data["output"]["dir"] = _absolute(Path(output_dir))
+        lines[("output", "dir")] = (f"--output-dir {printable_path(output_dir)}", 0)
+    if "name" not in data:
+        data["name"] = path.stem
+        lines[("name",)] = (f"{printable_path(path)} (name defaults to the file name)", 0)
     recipe = validate_recipe(data, lines)
     if recipe.output.dir is None:
         recipe.output.dir = str((Path.cwd() / "runs" / recipe.name).resolve())
@@ -353,8 +367,12 @@ def check_lab_ref(loc: tuple, value: str, lines: dict) -> None:
     """A ``lab:`` ref must name a lab size (model) or a lab data set (data), without building anything."""
     from .lab import DATA_SETS, PRESETS
 
-    name = value.removeprefix("lab:").partition("@")[0]
-    known = list(PRESETS) if loc == ("model", "name_or_path") else DATA_SETS
+    name, at, split = value.removeprefix("lab:").partition("@")
+    is_model = loc == ("model", "name_or_path")
+    known = list(PRESETS) if is_model else DATA_SETS
+    if name in known and at and (is_model or split not in ("train", "eval")):
+        fix = f"use lab:{name}" if is_model else f"use lab:{name} (its train split) or lab:{name}@eval"
+        raise RecipeError(f"{_where(loc, lines)}: {'.'.join(map(str, loc))}: '{value}': no split '{split}'; {fix}.")
     if name not in known:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean 'lab:{close[0]}'?" if close else ""
@@ -377,10 +395,11 @@ def check_paths_exist(recipe: Recipe, lines: dict) -> None:
     refs.append((("model", "name_or_path"), recipe.model.name_or_path))
     for bench_i, task in enumerate(recipe.bench.tasks):
         refs += [(("bench", "tasks", bench_i, "train"), task.train), (("bench", "tasks", bench_i, "eval"), task.eval)]
+    refs.append((("bench", "kl_data"), recipe.bench.kl_data))
     for loc, value in refs:
         if value and value.startswith("lab:"):
             check_lab_ref(loc, value, lines)
-        elif value and Path(value).is_absolute() and not Path(value).exists():
+        elif value and Path(value).is_absolute() and not path_exists(value):
             raise RecipeError(
                 f"{_where(loc, lines)}: {'.'.join(map(str, loc))}: file not found: {value}. "
                 "Relative paths resolve against the recipe file's folder."

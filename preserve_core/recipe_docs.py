@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import types
+import typing
 
-from pydantic import BaseModel
+import annotated_types
+from pydantic import AfterValidator, BaseModel
 
 from .methods import METHODS
 from .methods.regularizer_options import REGULARIZER_OPTIONS
-from .recipe_schema import CalibrationConfig, DataConfig, EvalConfig, EvalTask, ModelConfig, OutputConfig, TrainingConfig
+from .recipe_schema import (
+    CalibrationConfig,
+    DataConfig,
+    EvalConfig,
+    EvalTask,
+    ModelConfig,
+    OutputConfig,
+    TrainingConfig,
+    check_name,
+)
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("model", ModelConfig),
@@ -31,6 +43,12 @@ Naming another method (`--set method.name=full`, or a `method.name` in a file th
 different method) replaces the whole `method` block: the other method's options are dropped, and the
 `--set method.*` of the same command apply on top (`--set method.name=lora --set method.r=16`).
 Errors name the file and line that hold the offending key (the base file for an inherited one).
+
+Values are never coerced: `true` is not 1, `"3"` is not 3, `3.0` is not an integer; numbers must be
+finite (no `.inf`, `.nan`) and inside the range the type column gives. A key written twice in one
+mapping is an error. A `name` (recipe, bench task, bench label) becomes a folder name: at most 100
+characters, no `/`, `\\`, `:`, `..`, leading `.` or control characters. Every error names the file,
+line and key; the exit code is 2.
 """
 
 
@@ -41,11 +59,38 @@ def _default(field) -> str:
     return f"`{json.dumps(value)}`" if not isinstance(value, BaseModel) else "(section)"
 
 
+BOUNDS = {annotated_types.Gt: ("gt", ">"), annotated_types.Ge: ("ge", ">="), annotated_types.Lt: ("lt", "<"), annotated_types.Le: ("le", "<=")}
+
+
+def _bounds(metadata) -> list[str]:
+    out = []
+    for item in metadata:
+        for kind, (attr, symbol) in BOUNDS.items():
+            if isinstance(item, kind):
+                out.append(f"{symbol} {getattr(item, attr)}")
+        if isinstance(item, AfterValidator) and item.func is check_name:
+            out.append("folder name")
+    return out
+
+
+def _render(tp) -> str:
+    """A readable type: ``float >= 0``, ``str | None``, ``tuple[float >= 0 < 1, ...]``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return " ".join([_render(args[0]), *_bounds(args[1:])])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _render(a) for a in args)
+    if origin is typing.Literal:
+        return "Literal[" + ", ".join(repr(a) for a in args) + "]"
+    if origin in (list, tuple):
+        return f"{origin.__name__}[{', '.join(_render(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
 def _type(field) -> str:
     if "RegularizerOptions" in str(field.annotation):
         return "list[regulariser]"
-    text = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    return text.replace("|", "\\|")
+    return " ".join([_render(field.annotation), *_bounds(field.metadata)]).replace("|", "\\|")
 
 
 def section_table(title: str, model: type[BaseModel]) -> str:

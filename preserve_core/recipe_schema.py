@@ -7,19 +7,62 @@ section is the union of those, discriminated by ``method.name``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+NAME_MAX = 100  # characters of a name that becomes a folder name (a bench cell joins three of them)
+PATH_PART_MAX = 255  # bytes of one path component (the usual file-system limit)
+
+
+def check_name(value: str) -> str:
+    """A name that becomes one folder name: no separators, no ``..``, no NUL, not too long."""
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if len(value) > NAME_MAX:
+        raise ValueError(f"is {len(value)} characters long; at most {NAME_MAX}")
+    bad = sorted({c for c in value if c in "/\\:" or ord(c) < 32})
+    if bad or ".." in value or value.startswith("."):
+        shown = ", ".join(repr(c) for c in bad) or "'..' or a leading '.'"
+        raise ValueError(
+            f"must be a plain folder name (it names a folder inside its parent), but contains {shown}; "
+            "use letters, digits, '-', '_' and single dots"
+        )
+    return value
+
+
+def check_path_text(value: str) -> str:
+    """A path or hub name the file system can take: no NUL, no component over 255 bytes."""
+    if "\0" in value:
+        raise ValueError("contains a NUL character")
+    longest = max((len(part.encode()) for part in value.split("/")), default=0)
+    if longest > PATH_PART_MAX:
+        raise ValueError(f"has a path component of {longest} bytes; file systems allow at most {PATH_PART_MAX}")
+    return value
+
+
+def _list_to_tuple(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+Name = Annotated[str, AfterValidator(check_name)]
+PathText = Annotated[str, AfterValidator(check_path_text)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Random seed, 0 .. 2**32 - 1.")]
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    """No unknown keys, no coercion (``true`` is not 1, ``"3"`` is not 3), no inf or nan."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), strict=True, allow_inf_nan=False
+    )
 
 
 class ModelConfig(StrictModel):
     """Which causal LM to fine-tune and how to load it."""
 
-    name_or_path: str = Field("lab:tiny", description="Hub name, local directory, or lab:tiny / lab:small / lab:micro.")
+    name_or_path: PathText = Field("lab:tiny", description="Hub name, local directory, or lab:tiny / lab:small / lab:micro.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="Weight dtype at load time.")
     attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2 ... (None: transformers' default).")
@@ -36,8 +79,8 @@ class ModelConfig(StrictModel):
 class DataConfig(StrictModel):
     """The new task's training data."""
 
-    train: str = Field(..., description="JSONL/JSON/CSV/Parquet path, a hub data set name, or lab:<skill>.")
-    eval: str | None = Field(None, description="Held-out data for the periodic eval loss (same formats).")
+    train: PathText = Field(..., description="JSONL/JSON/CSV/Parquet path, a hub data set name, or lab:<skill>.")
+    eval: PathText | None = Field(None, description="Held-out data for the periodic eval loss (same formats).")
     split: str = Field("train", description="Split to read from a hub data set.")
     eval_split: str = Field("validation", description="Split of data.eval to read when it is a hub data set.")
     subset: str | None = Field(None, description="Hub data set configuration name (e.g. main for openai/gsm8k).")
@@ -66,11 +109,13 @@ class TrainingConfig(StrictModel):
     schedule: Literal["linear", "cosine", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm (None: no clipping).")
+    adam_betas: Annotated[tuple[Beta, Beta], BeforeValidator(_list_to_tuple)] = Field(
+        (0.9, 0.999), description="Adam (beta1, beta2), each in [0, 1)."
+    )
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (None: no clipping).")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast on GPU.")
-    seed: int = 0
+    seed: Seed = 0
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="Eval loss on data.eval every N steps (0: off).")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
@@ -84,7 +129,7 @@ class CalibrationConfig(StrictModel):
     preserve_source: Literal["sample", "dataset"] = Field(
         "sample", description="sample: draw from the pretrained model; dataset: label-free text in preserve_data."
     )
-    preserve_data: str | None = Field(None, description="Text data (column 'text') when preserve_source is dataset.")
+    preserve_data: PathText | None = Field(None, description="Text data (column 'text') when preserve_source is dataset.")
     num_samples: int = Field(256, gt=0)
     batch_size: int = Field(32, gt=0)
     max_new_tokens: int = Field(64, gt=0)
@@ -92,7 +137,7 @@ class CalibrationConfig(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1)
     start: Literal["bos", "prompts", "uniform"] = Field("bos", description="How a sample starts.")
     seed_prompts: list[str] = Field(default_factory=list, description="Start texts when start is prompts.")
-    seed: int = 0
+    seed: Seed = 0
     min_new_tokens: int = Field(4, ge=0, description="Drop samples shorter than this (degenerate filter).")
     max_repeat_fraction: float = Field(
         0.5, gt=0, le=1, description="Drop samples whose most frequent token exceeds this fraction (degenerate filter)."
@@ -102,7 +147,7 @@ class CalibrationConfig(StrictModel):
     stats_batch_size: int = Field(16, gt=0)
     fisher_samples: int = Field(256, gt=0, description="Preserve sequences for the EWC Fisher.")
     kl_topk: int = Field(32, gt=0, description="Top-k base log-probs cached for the kl method.")
-    dir: str | None = Field(None, description="Where calibration output lives (default <output.dir>/calibration).")
+    dir: PathText | None = Field(None, description="Where calibration output lives (default <output.dir>/calibration).")
 
     @model_validator(mode="after")
     def _source_needs_data(self) -> CalibrationConfig:
@@ -116,9 +161,9 @@ class CalibrationConfig(StrictModel):
 class EvalTask(StrictModel):
     """One evaluation task."""
 
-    name: str
+    name: str = Field(..., min_length=1, description="Row name in the report (unique across target and preserve).")
     kind: Literal["exact_match", "multiple_choice", "perplexity", "kl_to_base", "lm_eval"]
-    data: str | None = Field(None, description="Path or lab:<skill> (its eval split). Not used by lm_eval.")
+    data: PathText | None = Field(None, description="Path or lab:<skill> (its eval split). Not used by lm_eval.")
     limit: int | None = Field(None, gt=0, description="Evaluate the first N examples.")
     max_new_tokens: int = Field(32, gt=0, description="exact_match: generation budget.")
     stop: list[str] = Field(default_factory=lambda: ["\n"], description="exact_match: cut the generation at these.")
@@ -126,7 +171,7 @@ class EvalTask(StrictModel):
         default_factory=lambda: ["strip"]
     )
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm_eval: task names.")
-    lm_eval_include_path: str | None = Field(None, description="lm_eval: folder of local task YAMLs.")
+    lm_eval_include_path: PathText | None = Field(None, description="lm_eval: folder of local task YAMLs.")
 
 
 class EvalConfig(StrictModel):
@@ -144,9 +189,9 @@ class EvalConfig(StrictModel):
 class BenchTask(StrictModel):
     """A new task for the comparison: train on ``train``, score exact match on ``eval``."""
 
-    name: str
-    train: str = Field(..., description="Training data (path or lab:<skill>).")
-    eval: str = Field(..., description="Exact-match eval data (path, or lab:<skill> for its eval split).")
+    name: Name
+    train: PathText = Field(..., description="Training data (path or lab:<skill>).")
+    eval: PathText = Field(..., description="Exact-match eval data (path, or lab:<skill> for its eval split).")
     max_new_tokens: int = Field(16, gt=0)
     limit: int | None = Field(None, gt=0, description="Score the first N eval examples.")
     held_out: bool = Field(
@@ -157,9 +202,9 @@ class BenchTask(StrictModel):
 class BenchMethod(StrictModel):
     """One method of the comparison and its learning-rate sweep."""
 
-    label: str | None = Field(None, description="Row label (default: method.name).")
+    label: Name | None = Field(None, description="Row label (default: method.name).")
     method: dict = Field(..., description="A method section, e.g. {name: fora, rank: 8}.")
-    lrs: list[float] = Field(..., min_length=1, description="Learning rates to sweep.")
+    lrs: list[Annotated[float, Field(gt=0)]] = Field(..., min_length=1, description="Learning rates to sweep.")
 
 
 class BenchConfig(StrictModel):
@@ -167,15 +212,15 @@ class BenchConfig(StrictModel):
 
     methods: list[BenchMethod] = Field(default_factory=list)
     tasks: list[BenchTask] = Field(default_factory=list)
-    seeds: list[int] = Field(default_factory=lambda: [0])
-    kl_data: str | None = Field(None, description="Prompts for the KL-to-base column (path or lab:<skill>).")
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+    kl_data: PathText | None = Field(None, description="Prompts for the KL-to-base column (path or lab:<skill>).")
     kl_limit: int = Field(64, gt=0)
-    out_dir: str = Field("bench", description="Results folder (results.json, results.md, pareto.png, cells/).")
+    out_dir: PathText = Field("bench", description="Results folder (results.json, results.md, pareto.png, cells/).")
 
 
 class OutputConfig(StrictModel):
     """Where a run writes and what it exports."""
 
-    dir: str | None = Field(None, description="Run directory (default ./runs/<recipe name>).")
+    dir: PathText | None = Field(None, description="Run directory (default ./runs/<recipe name>).")
     merge: bool = Field(False, description="Also save merged full weights for adapter methods.")
     overwrite: bool = Field(False, description="Allow writing into a run directory that holds a finished run.")

@@ -10,7 +10,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field
 
-from ..recipe_schema import StrictModel
+from ..recipe_schema import Seed, StrictModel
 
 
 class KlRegularizerOptions(StrictModel):
@@ -23,7 +23,7 @@ class KlRegularizerOptions(StrictModel):
         "frozen", description="frozen: run the base model each step; cached: top-k base log-probs from calibration."
     )
     preserve_batch_size: int = Field(8, gt=0, description="Preserve sequences per micro-batch.")
-    seed: int = Field(0, description="Order of the preserve batches.")
+    seed: Seed = Field(0, description="Order of the preserve batches.")
 
 
 class ReplayRegularizerOptions(StrictModel):
@@ -31,7 +31,7 @@ class ReplayRegularizerOptions(StrictModel):
 
     name: Literal["replay"] = "replay"
     rho: float = Field(0.25, ge=0, lt=1, description="Fraction of the training rows that are preserve samples.")
-    seed: int = Field(0, description="Order in which preserve texts are taken (and cycled).")
+    seed: Seed = Field(0, description="Order in which preserve texts are taken (and cycled).")
 
 
 class L2spRegularizerOptions(StrictModel):
