@@ -35,13 +35,15 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor
 
 
 @contextmanager
-def deferred_sigint(notice: str = "Ctrl-C: finishing the checkpoint write first") -> Iterator[None]:
-    """Hold back SIGINT (Ctrl-C) for the duration of the block, then deliver it as ``KeyboardInterrupt``.
+def deferred_sigint(notice: str | None = None, deliver: bool = True) -> Iterator[None]:
+    """Hold back SIGINT (Ctrl-C) for the duration of the block; then, if ``deliver``, raise ``KeyboardInterrupt``.
 
-    A write interrupted half-way would lose the checkpoint being written; with this guard it completes
-    and the interrupt takes effect right after. Outside the main thread (where signal handlers cannot
-    be installed) the block runs unguarded; ``kill -9`` still leaves the previous checkpoint intact
-    because checkpoints are renamed into place.
+    A checkpoint write or an optimizer update interrupted half-way would leave a lost checkpoint or a
+    state that no longer matches its step count; with this guard the block completes and the interrupt
+    takes effect right after (``deliver=False``: it is dropped, for a block that already handles one).
+    ``notice`` is printed at the first held-back Ctrl-C. Outside the main thread (where signal handlers
+    cannot be installed) the block runs unguarded; ``kill -9`` still leaves the previous checkpoint
+    intact because checkpoints are renamed into place.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -49,7 +51,7 @@ def deferred_sigint(notice: str = "Ctrl-C: finishing the checkpoint write first"
     received = []
 
     def hold(signum, frame):
-        if not received:
+        if notice and not received:
             print(notice, file=sys.stderr, flush=True)
         received.append(signum)
 
@@ -58,5 +60,5 @@ def deferred_sigint(notice: str = "Ctrl-C: finishing the checkpoint write first"
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if received:
+    if received and deliver:
         raise KeyboardInterrupt

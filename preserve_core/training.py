@@ -23,7 +23,7 @@ from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_chec
 from .checkpoint_integrity import newest_intact
 from .data import build_eval_dataset, build_train_dataset, collate, data_fingerprint
 from .errors import PPFTError, RecipeError, TrainingDiverged
-from .guards import all_finite, optimizer_tensors
+from .guards import all_finite, deferred_sigint, optimizer_tensors
 from .methods import METHODS, MethodContext
 from .methods.base import unwrap_model
 from .methods.regularizers import Regularizers, regularizer_needs
@@ -238,6 +238,7 @@ class TrainingLoop:
         self.stream = BatchStream(dataset, self.cfg.batch_size, self.cfg.seed, pad, rank, world, state)
         self.pad_id = pad
         self.metrics: list[dict] = []
+        self.saved_step = state.step if state.step else None  # a resumed run's checkpoint exists already
         self.retention = None
         self.regularizers = Regularizers([], None)
 
@@ -253,7 +254,7 @@ class TrainingLoop:
                     loss, tokens, seconds, grad_norm = self.one_step()
                     self.after_step(loss, tokens, seconds, grad_norm, progress)
         except KeyboardInterrupt:
-            path = self.checkpoint()
+            path = self.checkpoint(interrupted=True)
             self.accelerator.print(f"Interrupted: saved {path}. Continue with --resume.")
             return TrainResult(self.recipe.run_dir(), None, self.state.step, loss, interrupted=True, metrics=self.metrics)
         if self.cfg.save_every == 0 or self.state.step % self.cfg.save_every:
@@ -280,14 +281,15 @@ class TrainingLoop:
         if not math.isfinite(total):
             self._diverged(f"the loss became {total}")
         grad_norm = self._clip_gradients()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.step += 1
-        self.method.after_step(self.model, self.optimizer, self.state.step)
-        self.state.epoch, self.state.position = self.stream.epoch, self.stream.position
-        if not self._state_finite():
-            self._diverged("the update made trainable weights or optimizer state non-finite", step=self.state.step)
+        with deferred_sigint():  # the update and the step count it belongs to change together
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.step += 1
+            self.method.after_step(self.model, self.optimizer, self.state.step)
+            self.state.epoch, self.state.position = self.stream.epoch, self.stream.position
+            if not self._state_finite():
+                self._diverged("the update made trainable weights or optimizer state non-finite", step=self.state.step)
         tokens = int(self._sum_over_ranks(tokens))
         self.state.tokens += tokens
         return total, tokens, time.perf_counter() - start, grad_norm
@@ -383,18 +385,27 @@ class TrainingLoop:
             count += n
         return self._mean_over_ranks(total / max(count, 1))
 
-    def checkpoint(self) -> Path | None:
-        """Save the current state (rank 0), only if every trainable weight and optimizer value is finite."""
+    def checkpoint(self, interrupted: bool = False) -> Path | None:
+        """Save the current state (rank 0), only if every trainable weight and optimizer value is finite.
+
+        Ctrl-C during the write is held back until it completes (after an interrupt, dropped: the run is
+        stopping anyway). A step already saved (or resumed from) is not written again.
+        """
+        if self.saved_step == self.state.step:
+            return self.recipe.run_dir() / f"checkpoint-{self.state.step:06d}"
         if not self._state_finite():
             self._diverged("trainable weights or optimizer state are non-finite", step=self.state.step)
         self.accelerator.wait_for_everyone()
         path = None
         if self.accelerator.is_main_process:
             model = unwrap_model(self.model)
-            path = save_checkpoint(
-                self.recipe.run_dir(), self.state, self.method, model, self.optimizer, self.scheduler, self.cfg.keep_last,
-                self.regularizers,
-            )  # fmt: skip
+            with deferred_sigint("Ctrl-C: finishing the checkpoint write first.", deliver=not interrupted):
+                path = save_checkpoint(
+                    self.recipe.run_dir(), self.state, self.method, model, self.optimizer, self.scheduler,
+                    self.cfg.keep_last, self.regularizers,
+                )  # fmt: skip
+                self.saved_step = self.state.step  # before a held-back Ctrl-C is delivered
+        self.saved_step = self.state.step
         self.accelerator.wait_for_everyone()
         return path
 
