@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,31 @@ SetOpt = Annotated[
 ]
 OutputDirOpt = Annotated[Path | None, typer.Option("--output-dir", help="Run directory (overrides output.dir).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Machine-readable JSON on stdout; the human output goes to stderr.")
+]
+
+
+def human_console(as_json: bool) -> Console:
+    """Where tables and messages go: stderr when stdout carries JSON, stdout otherwise."""
+    return err_console if as_json else console
+
+
+def emit_json(data: object) -> None:
+    """``data`` as indented JSON on stdout, one document, newline-terminated (NaN becomes null)."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _finite(value: object) -> object:
+    """NaN and infinities are not JSON: null instead, recursively."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def guarded(fn: Callable[[], object], debug: bool) -> object:

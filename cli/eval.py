@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DebugOpt, OutputDirOpt, RecipeArg, SetOpt, console, err_console, guarded
+from cli.common import DebugOpt, JsonOpt, OutputDirOpt, RecipeArg, SetOpt, emit_json, err_console, guarded, human_console
 
 CheckpointOpt = Annotated[
     Path | None,
@@ -29,10 +29,12 @@ def eval_cmd(
     fail_on_regression: GateOpt = None,
     set_: SetOpt = [],  # noqa: B006
     output_dir: OutputDirOpt = None,
+    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate the base and the tuned model: new-task gain and retention; writes <run>/eval/report.{json,md}.
 
+    --json: the report on stdout (top-level retention, new_task_gain, passed; per-task rows), table to stderr.
     Exit codes: 0 ok, 1 runtime error, 2 bad input, 3 the regression gate failed.
     """
 
@@ -45,8 +47,11 @@ def eval_cmd(
         report = run_eval(
             resolved, checkpoint, fail_on_regression, progress=lambda m: err_console.print(f"[dim]eval {m}[/]")
         )
-        console.print(render_table(report))
-        console.print(f"report: {resolved.run_dir() / 'eval' / 'report.md'}")
+        out = human_console(as_json)
+        out.print(render_table(report, out.width))
+        out.print(f"report: {resolved.run_dir() / 'eval' / 'report.md'}")
+        if as_json:
+            emit_json(json_summary(report, resolved.run_dir() / "eval"))
         if not report.passed:
             for task in report.regressions:
                 err_console.print(
@@ -56,3 +61,15 @@ def eval_cmd(
             raise typer.Exit(3)
 
     guarded(run, debug)
+
+
+def json_summary(report, folder: Path) -> dict:
+    """``report.json`` without the per-example samples, with the headline numbers at the top level."""
+    data = report.to_dict()
+    data.pop("samples", None)
+    summary = data.pop("summary")
+    return {
+        "retention": summary["mean_retention"], "new_task_gain": summary["new_task_gain_points"],
+        "passed": summary["passed"], "regressions": summary["regressions"],
+        "report_json": str(folder / "report.json"), "report_md": str(folder / "report.md"), **data,
+    }  # fmt: skip

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
+from rich.console import Console
 
-from cli.common import DebugOpt, console, guarded
+from cli.common import DebugOpt, JsonOpt, console, emit_json, guarded, human_console
 
 lab_app = typer.Typer(help="The skills lab: a tiny pretrained model with exactly measurable skills.", no_args_is_help=True)
 
@@ -35,8 +35,11 @@ def build(
 
 
 @lab_app.command("info")
-def info(size: str = SizeOpt, seed: int = SeedOpt, debug: DebugOpt = False) -> None:
-    """Print the card of a built lab (where it is, per-skill accuracy), or how to build it."""
+def info(size: str = SizeOpt, seed: int = SeedOpt, as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Print the card of a built lab (where it is, per-skill accuracy), or how to build it.
+
+    --json: the card (plus "path" and "model") on stdout.
+    """
 
     def run():
         from preserve_core.errors import RecipeError
@@ -45,18 +48,23 @@ def info(size: str = SizeOpt, seed: int = SeedOpt, debug: DebugOpt = False) -> N
         card = read_card(size, seed)
         if card is None:
             raise RecipeError(f"lab '{size}' (seed {seed}) is not built yet: run `ppft lab build --size {size} --seed {seed}`.")
-        print_card(card, build_path(size, seed), True)
+        path = build_path(size, seed)
+        print_card(card, path, True, human_console(as_json))
+        if as_json:
+            emit_json({"path": str(path), "model": str(path / "model"), **card})
 
     guarded(run, debug)
 
 
-def print_card(card: dict, path, reused: bool) -> None:
-    table = Table(title=f"lab:{card['size']} (seed {card['seed']}, {card['parameters']:,} parameters)")
-    for col in ("skill", "role", "prompt tag", "exact match"):
-        table.add_column(col)
+def print_card(card: dict, path, reused: bool, out: Console = console) -> None:
+    """The card as a table (skill, role, tag, exact match) and where the model and data are."""
+    from preserve_core.tables import make_table
+
+    title = f"lab:{card['size']} (seed {card['seed']}, {card['parameters']:,} parameters)"
+    table = make_table(title, ["skill", "role", "tag", "exact match"], out.width, left=3)
     for name, skill in card["skills"].items():
         role = "pretraining" if name in card["pretrain_skills"] else "new task"
         table.add_row(name, role, skill["tag"] + ":", f"{card['accuracy'][name]:.3f}")
-    console.print(table)
+    out.print(table)
     state = "reused cached build" if reused else f"built in {card['pretrain_seconds']} s"
-    console.print(f"[green]{state}[/]: model at {path / 'model'}; data at {card['data']}")
+    out.print(f"[green]{state}[/]\nmodel: {path / 'model'}\ndata:  {card['data']}", soft_wrap=True)

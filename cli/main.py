@@ -6,9 +6,13 @@ Exit codes: 0 success, 1 runtime failure, 2 bad input (recipe, data, paths, over
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
-from cli.common import DebugOpt, OutputDirOpt, RecipeArg, SetOpt, console, guarded, is_main_process
+from cli.common import (
+    DebugOpt, JsonOpt, OutputDirOpt, RecipeArg, SetOpt, console, emit_json, err_console, guarded, is_main_process,
+)  # fmt: skip
 
 app = typer.Typer(
     name="ppft",
@@ -20,18 +24,33 @@ app = typer.Typer(
 
 
 @app.command()
-def validate(recipe: RecipeArg, set_: SetOpt = [], output_dir: OutputDirOpt = None, debug: DebugOpt = False) -> None:  # noqa: B006
-    """Resolve a recipe (defaults filled in, paths absolute), check referenced files, print it. Loads no weights."""
+def validate(
+    recipe: RecipeArg,
+    set_: SetOpt = [],  # noqa: B006
+    output_dir: OutputDirOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Resolve a recipe (defaults filled in, paths absolute), check referenced files, print it. Loads no weights.
+
+    stdout is the resolved recipe alone (YAML, or JSON with --json), so `ppft validate r.yaml > resolved.yaml` works.
+    """
 
     def run():
         import yaml
-        from rich.syntax import Syntax
 
         from preserve_core.recipe import load_recipe
 
-        resolved = load_recipe(recipe, set_, output_dir)
-        console.print(Syntax(yaml.safe_dump(resolved.resolved(), sort_keys=False), "yaml"))
-        console.print(f"[green]ok[/]: {recipe} is valid")
+        resolved = load_recipe(recipe, set_, output_dir).resolved()
+        if as_json:
+            emit_json(resolved)
+        elif sys.stdout.isatty():
+            from rich.syntax import Syntax
+
+            console.print(Syntax(yaml.safe_dump(resolved, sort_keys=False), "yaml"))
+        else:  # piped: the bare YAML, no colour codes, no padding
+            sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
+        err_console.print(f"[green]ok[/]: {recipe} is valid")
 
     guarded(run, debug)
 
@@ -49,7 +68,10 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     debug: DebugOpt = False,
 ) -> None:
-    """Fine-tune with the recipe's method. Writes <run>/final, checkpoints, metrics.jsonl and manifest.json."""
+    """Fine-tune with the recipe's method. Writes <run>/final, checkpoints, metrics.jsonl and manifest.json.
+
+    Progress and messages go to stderr; stdout ends with the final model's path (M=$(ppft train r.yaml)).
+    """
 
     def run():
         from preserve_core.errors import RecipeError
@@ -67,7 +89,8 @@ def train(
         if result.interrupted:
             raise typer.Exit(130)
         if is_main_process():
-            console.print(f"[green]done[/]: {result.steps} steps, final loss {result.final_loss:.4f}; model in {result.final_dir}")
+            err_console.print(f"[green]done[/]: {result.steps} steps, final loss {result.final_loss:.4f}; model in:")
+            print(result.final_dir, flush=True)  # the last line of stdout: M=$(ppft train r.yaml) works
 
     guarded(run, debug)
 

@@ -87,3 +87,17 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> list[dict]:
     write_atomic(out_dir / "comparison.md", markdown(rows, base))
     pareto_plot(rows, {rows[0]["task"]: base["target"]}, out_dir / "learning_vs_forgetting.png")
     return rows
+
+
+def render_table(rows: list[dict], width: int | None = None):
+    """The console table: run, new task, preserve mean, retention, Pareto; each preserved skill too when wide."""
+    from .tables import is_wide, make_table
+
+    names = list(rows[0]["preserve"]) if rows and is_wide(width) else []
+    table = make_table("learning vs forgetting (%)", ["run", "new task", "kept mean", "retention", *names, "Pareto"], width)
+    for r in rows:
+        retention = f"{r['mean_retention']:.3f}" if r["mean_retention"] is not None else "-"
+        skills = [f"{100 * r['preserve'][n]['score']:.1f}" for n in names]
+        table.add_row(r["method"], f"{100 * r['new_task']['score']:.1f}", f"{100 * r['preserve_mean']['score']:.1f}",
+                      retention, *skills, "yes" if r["pareto"] else "")  # fmt: skip
+    return table

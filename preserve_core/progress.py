@@ -1,4 +1,4 @@
-"""Rich progress bars that stay silent when not on a terminal's rank 0."""
+"""Rich progress bars, on stderr (stdout stays for results), silent when not on a terminal's rank 0."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ class TrainingProgress:
             TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            console=Console(stderr=True),
             disable=not enabled,
         )
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"), lr=0.0, tps=0.0)

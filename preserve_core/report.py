@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rich.table import Table
+from rich.table import Table  # noqa: TC002 (the return type)
 
 from .runs import write_atomic
 
@@ -220,13 +220,32 @@ def summary_lines(report: Report) -> list[str]:
     return lines
 
 
-def render_table(report: Report) -> Table:
-    """A rich table: one row per task; regressions in red."""
-    table = Table(title=f"ppft eval: {report.recipe}", caption="\n".join(summary_lines(report)))
-    for header in HEADERS:
-        table.add_column(header, justify="right" if header not in ("suite", "task", "metric") else "left")
+def _narrow_row(t: TaskComparison) -> list[str]:
+    """suite, task, base (``*`` = cached), tuned, change ± se, retention, status: fits 80 columns.
+
+    The change drops the ``pts`` suffix (the header says points; ratio units keep their ``%``)."""
+    change = format_points(t).removesuffix(" pts") + ("" if format_stderr(t) == "-" else f" {format_stderr(t)}")
+    ret = f"{t.retention:.3f}" if t.retention is not None else "-"
+    base = format_score(t.base, t.unit) + ("*" if t.base_cached else "")
+    return [t.suite, t.name, base, format_score(t.tuned, t.unit), change, ret, _status(t)]
+
+
+NARROW_HEADERS = ["suite", "task", "base", "tuned", "pts ± se", "kept", "status"]
+
+
+def render_table(report: Report, width: int | None = None) -> Table:
+    """One row per task, regressions in red. Under ``tables.WIDE_AT`` columns: no metric column, the
+    change and its standard error in one cell, ``*`` marking a cached base score (report.md has it all)."""
+    from .tables import is_wide, make_table
+
+    wide = is_wide(width)
+    caption = summary_lines(report)
+    if not wide and any(t.base_cached for t in report.tasks):
+        caption.append("* base score from the cache")
+    title = f"ppft eval: {report.recipe if wide else Path(report.recipe).name}"
+    table = make_table(title, HEADERS if wide else NARROW_HEADERS, width, "\n".join(caption), left=3 if wide else 2)
     for t in report.tasks:
-        table.add_row(*_row(t), style="red" if t.regressed else None)
+        table.add_row(*(_row(t) if wide else _narrow_row(t)), style="red" if t.regressed else None)
     return table
 
 

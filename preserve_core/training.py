@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -255,7 +256,8 @@ class TrainingLoop:
                     self.after_step(loss, tokens, seconds, grad_norm, progress)
         except KeyboardInterrupt:
             path = self.checkpoint(interrupted=True)
-            self.accelerator.print(f"Interrupted: saved {path}. Continue with --resume.")
+            if self.accelerator.is_main_process:
+                print(f"Interrupted: saved {path}. Continue with --resume.", file=sys.stderr)
             return TrainResult(self.recipe.run_dir(), None, self.state.step, loss, interrupted=True, metrics=self.metrics)
         if self.cfg.save_every == 0 or self.state.step % self.cfg.save_every:
             self.checkpoint()

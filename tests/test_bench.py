@@ -48,8 +48,9 @@ def test_bench_runs_resumes_and_writes_results(write_recipe, tmp_path, tiny_task
 
     (cell,) = (out / "cells").glob("rev__full__lr0.001__s0__*/cell.json")
     stamp = cell.stat().st_mtime_ns
-    again = runner.invoke(app, ["bench", str(path)])
+    again = runner.invoke(app, ["bench", str(path), "--json"])
     assert again.exit_code == 0 and cell.stat().st_mtime_ns == stamp, "a finished cell must not be re-run"
+    assert json.loads(again.stdout)["rows"] == results["rows"]  # stdout: the JSON alone
 
     data = yaml.safe_load(path.read_text())
     data["bench"]["methods"][0]["method"]["name"] = "lora"  # same label, other options: a new cell

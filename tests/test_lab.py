@@ -233,6 +233,8 @@ def test_cli_build_and_info(lab_home):
     assert "recall" in built.output and "built in" in built.output
     again = runner.invoke(app, ["lab", "info", "--size", "micro"])
     assert again.exit_code == 0 and "reused" in again.output
+    card = json.loads(runner.invoke(app, ["lab", "info", "--size", "micro", "--json"]).stdout)
+    assert card["model"] == resolve_model_ref("lab:micro") and set(card["accuracy"]) == set(SKILLS)
 
 
 # The real `tiny` lab, built (or reused) in $PPFT_HOME: minutes on 2 cores, so CI-only.
