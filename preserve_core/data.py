@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .data_checks import DataReport, check_file_not_empty, count_unknown, finish, first_bad_jsonl_line, messages_field, text_field
 from .errors import RecipeError
 from .recipe_schema import DataConfig
 
@@ -25,6 +26,7 @@ def load_rows(source: str, split: str = "train", subset: str | None = None):
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()  # its own "Failed to load JSON" lines; ours name the line
     if source.startswith("lab:"):
         from .lab import resolve_data_ref
 
@@ -33,8 +35,9 @@ def load_rows(source: str, split: str = "train", subset: str | None = None):
     path = Path(source)
     try:
         if path.suffix in LOADERS:
-            if not path.exists():
-                raise RecipeError(f"data file not found: {path}")
+            if not path.is_file():
+                raise RecipeError(f"data file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+            check_file_not_empty(path)
             return datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train")
         if path.is_dir():
             return datasets.load_from_disk(str(path))
@@ -42,6 +45,9 @@ def load_rows(source: str, split: str = "train", subset: str | None = None):
     except RecipeError:
         raise
     except Exception as e:  # datasets raises many types for unreadable input
+        bad_line = first_bad_jsonl_line(path) if path.suffix == ".jsonl" and path.is_file() else None
+        if bad_line:
+            raise RecipeError(f"data file {path}, {bad_line}") from None
         raise RecipeError(f"cannot read data {source!r}: {type(e).__name__}: {e}") from None
 
 
@@ -103,51 +109,69 @@ def encode_messages(tokenizer, messages: list[dict]) -> tuple[list, list]:
     return ids, labels
 
 
-@dataclass
-class TruncationReport:
-    total: int = 0
-    truncated: int = 0
-    longest: int = 0
+TruncationReport = DataReport  # the name the manifest's "truncation" entry was written under
 
 
-def truncate(ids: list, labels: list, cfg: DataConfig, index: int, report: TruncationReport) -> tuple[list, list]:
+def truncate(ids: list, labels: list, cfg: DataConfig, index: int, report: DataReport, source: str = "") -> tuple[list, list]:
+    """Cut an example to ``report.limit`` tokens as ``data.truncation`` says (error: refuse)."""
     report.total += 1
     report.longest = max(report.longest, len(ids))
-    if len(ids) <= cfg.max_length:
+    if len(ids) <= report.limit:
         return ids, labels
     if cfg.truncation == "error":
+        over_context = report.limit == report.context and report.limit < cfg.max_length
+        bound = f"the model's context of {report.context} positions" if over_context else f"data.max_length={cfg.max_length}"
         raise RecipeError(
-            f"data: example {index} has {len(ids)} tokens, over data.max_length={cfg.max_length}. "
-            "Raise data.max_length or set data.truncation: right (or left) to cut long examples."
+            f"data: {source or cfg.train}, row {index + 1} has {len(ids)} tokens, over {bound}. "
+            + (f"Lower data.max_length to {report.context} or less, or set" if over_context else "Raise data.max_length or set")
+            + " data.truncation: right (or left) to cut long examples."
         )
     report.truncated += 1
-    keep = slice(-cfg.max_length, None) if cfg.truncation == "left" else slice(0, cfg.max_length)
+    keep = slice(-report.limit, None) if cfg.truncation == "left" else slice(0, report.limit)
     return ids[keep], labels[keep]
 
 
-def tokenize_rows(rows, tokenizer, cfg: DataConfig):
-    """Tokenize a ``datasets.Dataset`` into ``input_ids``/``labels`` columns; returns (dataset, report)."""
+def encode_row(row: dict, fmt: str, tokenizer, cfg: DataConfig, index: int, source: str) -> tuple[list, list, str, str | None]:
+    """``(input_ids, labels, text, completion or None)`` of one row; fields checked (file, row, field on error)."""
+    if fmt == "prompt_completion":
+        prompt = text_field(row, cfg.prompt_column, index, source)
+        completion = text_field(row, cfg.completion_column, index, source)
+        ids, labels = encode_prompt_completion(tokenizer, prompt, completion, cfg.append_eos)
+        return ids, labels, prompt + completion, completion
+    if fmt == "text":
+        text = text_field(row, cfg.text_column, index, source)
+        return (*encode_text(tokenizer, text, cfg.append_eos), text, None)
+    turns = messages_field(row, cfg.messages_column, index, source)
+    return (*encode_messages(tokenizer, turns), "".join(t["content"] for t in turns), None)
+
+
+def tokenize_rows(rows, tokenizer, cfg: DataConfig, context: int | None = None, source: str | None = None):
+    """Tokenize a ``datasets.Dataset`` into ``input_ids``/``labels`` columns; returns (dataset, report).
+
+    Examples are cut to ``min(data.max_length, context)`` (``context``: the model's positions).
+    """
     import datasets
 
+    source = source or cfg.train
     if len(rows) == 0:
-        raise RecipeError(f"data: {cfg.train} has no examples")
+        raise RecipeError(f"data: {source} has no examples")
     if cfg.max_examples:
         rows = rows.select(range(min(cfg.max_examples, len(rows))))
     fmt = detect_format(rows.column_names, cfg)
-    report = TruncationReport()
+    report = DataReport(limit=min(cfg.max_length, context or cfg.max_length), context=context)
     out = {"input_ids": [], "labels": []}
     for i, row in enumerate(rows):
-        if fmt == "prompt_completion":
-            ids, labels = encode_prompt_completion(tokenizer, row[cfg.prompt_column], row[cfg.completion_column], cfg.append_eos)
-        elif fmt == "text":
-            ids, labels = encode_text(tokenizer, row[cfg.text_column], cfg.append_eos)
-        else:
-            ids, labels = encode_messages(tokenizer, row[cfg.messages_column])
-        ids, labels = truncate(ids, labels, cfg, i, report)
+        ids, labels, text, completion = encode_row(row, fmt, tokenizer, cfg, i, source)
+        count_unknown(report, tokenizer, ids, text)
+        report.empty_completions += completion is not None and not completion.strip()
+        ids, labels = truncate(ids, labels, cfg, i, report, source)
         if all(label == IGNORE for label in labels):
-            raise RecipeError(f"data: example {i} has no tokens to learn from (empty completion or fully truncated)")
+            raise RecipeError(
+                f"data: {source}, row {i + 1} has no tokens to learn from (empty completion without EOS, or cut away)"
+            )
         out["input_ids"].append(ids)
         out["labels"].append(labels)
+    finish(report, source, cfg.truncation, fmt)
     return datasets.Dataset.from_dict(out), report
 
 
@@ -166,15 +190,19 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
 
 def build_train_dataset(recipe, tokenizer):
+    from .models import context_length
+
     rows = load_rows(recipe.data.train, recipe.data.split, recipe.data.subset)
-    return tokenize_rows(rows, tokenizer, recipe.data)
+    return tokenize_rows(rows, tokenizer, recipe.data, context_length(recipe.model), recipe.data.train)
 
 
 def build_eval_dataset(recipe, tokenizer):
+    from .models import context_length
+
     if not recipe.data.eval:
         return None, None
     rows = load_rows(recipe.data.eval, recipe.data.eval_split, recipe.data.subset)
-    return tokenize_rows(rows, tokenizer, recipe.data)
+    return tokenize_rows(rows, tokenizer, recipe.data, context_length(recipe.model), recipe.data.eval)
 
 
 def data_fingerprint(source: str) -> str:

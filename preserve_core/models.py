@@ -78,6 +78,24 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(cfg: ModelConfig) -> int | None:
+    """Positions the model was built for (``max_position_embeddings`` or its synonyms); None if unknown."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_model_path(cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError):
+        return None
+    config = getattr(config, "text_config", None) or config
+    values = [getattr(config, key, None) for key in CONTEXT_KEYS]
+    return next((v for v in values if isinstance(v, int) and v > 0), None)
+
+
 def load_model(cfg: ModelConfig, device: torch.device | str | None = None) -> nn.Module:
     """An ``AutoModelForCausalLM`` from a hub name, local folder or lab ref (safetensors only)."""
     from transformers import AutoModelForCausalLM
