@@ -33,14 +33,25 @@ def covariances(n: int = 16, seed: int = 0, samples: int = 512):
     return x_p, x_t, x_p.T @ x_p / samples, x_t.T @ x_t / samples
 
 
+def test_damped_preserve_by_hand():
+    """eps = damping * tr(C_p) / n: diag(2, 4) has tr/n = 3, so damping 0.5 adds 1.5 (not 0.5)."""
+    m = damped_preserve(torch.tensor([[2.0, 1.0], [1.0, 4.0]]), 0.5)
+    torch.testing.assert_close(m, torch.tensor([[3.5, 1.0], [1.0, 5.5]], dtype=torch.float64), atol=0, rtol=0)
+    torch.testing.assert_close(damped_preserve(torch.zeros(2, 2), 0.25), 0.25 * torch.eye(2, dtype=torch.float64))
+
+
 def test_basis_solves_the_generalized_problem():
+    """Against M = C_p + eps I built here from the definition (eps = damping tr(C_p) / n, tr/n ~ 0.5 here)."""
     _, _, c_p, c_t = covariances()
-    m = damped_preserve(c_p, 1e-4)
+    c_p64 = c_p.double()
+    m = (c_p64 + c_p64.T) / 2 + 1e-4 * float(torch.trace(c_p64)) / 16 * torch.eye(16, dtype=torch.float64)
+    reference = torch.linalg.eigvals(torch.linalg.solve(m, c_t.double())).real.sort(descending=True).values
     basis = generalized_basis(c_t, c_p, 1e-4, keep=16)
     v, lam = basis.vectors, basis.values
     torch.testing.assert_close(v.T @ m @ v, torch.eye(16, dtype=torch.float64), atol=1e-9, rtol=0)
     torch.testing.assert_close(c_t.double() @ v, m @ v @ torch.diag(lam), atol=1e-9, rtol=0)
     assert torch.all(lam[:-1] >= lam[1:]) and lam[0] > 10 * lam[-1]
+    torch.testing.assert_close(lam, reference, atol=1e-8, rtol=1e-8)  # eigenvalues of M^-1 C_t, another route
     top = generalized_basis(c_t, c_p, 1e-4, keep=resolve_keep(0.25, 16))
     assert top.vectors.shape == (16, 4)
     torch.testing.assert_close(top.values, lam[:4])
