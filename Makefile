@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ppft-installed
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench mutation clean
 
 # A fresh machine: a virtual environment, the CPU build of torch (never a multi-GB CUDA download
 # here: on these machines `pip install torch==2.13.0` takes a local CPU wheel), then ppft itself.
@@ -38,6 +38,13 @@ bench: setup
 	$(PY) bench/bench_calibration.py
 	$(PY) -c "import lm_eval" 2>/dev/null && $(PY) bench/bench_eval.py || echo "bench_eval skipped: pip install -e '.[lmeval]'"
 	$(PY) bench/summarize.py
+
+# Mutation testing of the numerical core (not in CI: hours on 2 cores). Results: mutants/, docs/mutation.md.
+# MUTANTS="preserve_core.report*" limits the run to matching mutant names; MUTATION_JOBS sets workers.
+mutation: setup
+	$(PY) -m pip install -q -e ".[dev,lmeval,mutation]"
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $${MUTATION_JOBS:-2} $(MUTANTS)
+	$(VENV)/bin/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
