@@ -8,7 +8,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from cli.common import DebugOpt, OutputDirOpt, RecipeArg, SetOpt, console, guarded
+from cli.common import DebugOpt, OutputDirOpt, RecipeArg, SetOpt, ThreadsOpt, apply_threads, console, guarded
 
 
 def calibrate(
@@ -20,6 +20,7 @@ def calibrate(
         False, "--summary", help="Also compute C_p and C_t (if the method reads neither) and print their effective ranks "
         "(one eigendecomposition per layer input: slow at real widths)."
     ),
+    threads: ThreadsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Sample (or read) preserve data, collect the statistics the method reads (C_p and/or C_t per distinct
@@ -33,6 +34,7 @@ def calibrate(
         from preserve_core.training import make_accelerator
 
         resolved = load_recipe(recipe, set_, output_dir)
+        apply_threads(resolved, threads)
         accelerator = make_accelerator(resolved)
         tokenizer = load_tokenizer(resolved.model)
         model = load_model(resolved.model, accelerator.device)

@@ -46,6 +46,19 @@ def _finite(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="CPU threads for torch (overrides training.threads; default: torch's)."),
+]
+
+
+def apply_threads(recipe, threads: int | None) -> None:
+    """``--threads`` over ``training.threads``, applied to torch before any model is loaded."""
+    from preserve_core.threads import set_threads
+
+    if threads is not None:
+        recipe.training.threads = threads
+    set_threads(recipe.training.threads)
 
 
 def guarded(fn: Callable[[], object], debug: bool) -> object:

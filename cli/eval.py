@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DebugOpt, JsonOpt, OutputDirOpt, RecipeArg, SetOpt, emit_json, err_console, guarded, human_console
+from cli.common import (
+    DebugOpt, JsonOpt, OutputDirOpt, RecipeArg, SetOpt, ThreadsOpt, apply_threads, emit_json, err_console, guarded, human_console,
+)  # fmt: skip
 
 CheckpointOpt = Annotated[
     Path | None,
@@ -30,6 +32,7 @@ def eval_cmd(
     set_: SetOpt = [],  # noqa: B006
     output_dir: OutputDirOpt = None,
     as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate the base and the tuned model: new-task gain and retention; writes <run>/eval/report.{json,md}.
@@ -44,6 +47,7 @@ def eval_cmd(
         from preserve_core.report import format_points, render_table
 
         resolved = load_recipe(recipe, set_, output_dir)
+        apply_threads(resolved, threads)
         report = run_eval(
             resolved, checkpoint, fail_on_regression, progress=lambda m: err_console.print(f"[dim]eval {m}[/]")
         )

@@ -11,7 +11,8 @@ import sys
 import typer
 
 from cli.common import (
-    DebugOpt, JsonOpt, OutputDirOpt, RecipeArg, SetOpt, console, emit_json, err_console, guarded, is_main_process,
+    DebugOpt, JsonOpt, OutputDirOpt, RecipeArg, SetOpt, ThreadsOpt, apply_threads, console, emit_json, err_console, guarded,
+    is_main_process,
 )  # fmt: skip
 
 app = typer.Typer(
@@ -66,6 +67,7 @@ def train(
     ),
     merge: bool = typer.Option(False, "--merge", help="Adapter methods: also save merged full weights (final/merged)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    threads: ThreadsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Fine-tune with the recipe's method. Writes <run>/final, checkpoints, metrics.jsonl and manifest.json.
@@ -82,6 +84,7 @@ def train(
         if allow_changes and not resume:
             raise RecipeError("--allow-changes only applies with --resume")
         resolved = load_recipe(recipe, set_, output_dir)
+        apply_threads(resolved, threads)
         if merge:
             resolved.output.merge = True
         check_runtime(resolved)

@@ -121,6 +121,13 @@ class TrainingConfig(StrictModel):
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_last: int = Field(2, gt=0, description="Checkpoints to keep.")
     tensorboard: bool = False
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="CPU threads torch uses in this process (intra- and inter-op; ppft train/eval/calibrate/bench, "
+        "or --threads). None: torch's default (OMP_NUM_THREADS, else one per core). ppft bench --jobs N gives each "
+        "worker this many (default: the cores) // N.",
+    )
 
 
 class CalibrationConfig(StrictModel):

@@ -26,7 +26,7 @@ from .progress import notice
 
 BOOKKEEPING = (
     "name", "output.", "eval.", "training.log_every", "training.eval_every", "training.save_every",
-    "training.keep_last", "training.tensorboard",
+    "training.keep_last", "training.tensorboard", "training.threads",
 )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from .progress import TrainingProgress
 from .runlock import run_lock
 from .resume import apply_new_hyperparameters, check_recipe_changes, optimizer_hyperparameters, resume_checkpoint
 from .runs import MetricsLog, prepare_run_dir, write_manifest
+from .threads import set_threads
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
@@ -138,6 +139,7 @@ def train(recipe, resume: bool = False, show_progress: bool = True, allow_change
     ``resume``: continue from the newest intact checkpoint; ``allow_changes``: accept a recipe that
     differs from the checkpoint's (see :mod:`preserve_core.resume`).
     """
+    set_threads(recipe.training.threads)
     accelerator = make_accelerator(recipe)
     run_dir = recipe.run_dir()
     with run_lock(run_dir) if accelerator.is_main_process else nullcontext():
@@ -206,6 +208,7 @@ def _manifest_extra(recipe, fingerprint, model, method, truncation, n_examples, 
         "data": {"train": recipe.data.train, "train_sha256": data_fingerprint(recipe.data.train), "examples": n_examples},
         "truncation": vars(truncation),
         "num_processes": accelerator.num_processes,
+        "torch_threads": torch.get_num_threads(),
     }
 
 
