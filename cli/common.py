@@ -46,6 +46,8 @@ def _finite(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
 ThreadsOpt = Annotated[
     int | None,
     typer.Option("--threads", min=1, help="CPU threads for torch (overrides training.threads; default: torch's)."),

@@ -43,7 +43,7 @@ def info(size: str = SizeOpt, seed: int = SeedOpt, as_json: JsonOpt = False, deb
 
     def run():
         from preserve_core.errors import RecipeError
-        from preserve_core.lab import build_path, read_card
+        from preserve_core.lab import build_path, data_dir, preset, read_card
 
         card = read_card(size, seed)
         if card is None:
@@ -51,7 +51,7 @@ def info(size: str = SizeOpt, seed: int = SeedOpt, as_json: JsonOpt = False, deb
         path = build_path(size, seed)
         print_card(card, path, True, human_console(as_json))
         if as_json:
-            emit_json({"path": str(path), "model": str(path / "model"), **card})
+            emit_json({"path": str(path), "model": str(path / "model"), **card, "data": str(data_dir(preset(size)))})
 
     guarded(run, debug)
 
@@ -66,5 +66,8 @@ def print_card(card: dict, path, reused: bool, out: Console = console) -> None:
         role = "pretraining" if name in card["pretrain_skills"] else "new task"
         table.add_row(name, role, skill["tag"] + ":", f"{card['accuracy'][name]:.3f}")
     out.print(table)
+    from preserve_core.lab import data_dir, preset
+
     state = "reused cached build" if reused else f"built in {card['pretrain_seconds']} s"
-    out.print(f"[green]{state}[/]\nmodel: {path / 'model'}\ndata:  {card['data']}", soft_wrap=True)
+    data = data_dir(preset(card["size"]))  # under the current $PPFT_HOME, wherever the lab was built
+    out.print(f"[green]{state}[/]\nmodel: {path / 'model'}\ndata:  {data}", soft_wrap=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,18 +64,37 @@ def plan_cells(recipe: Recipe) -> list[Cell]:
     ]
 
 
+def select_cells(plan: list[Cell], only: list[str]) -> list[Cell]:
+    """The cells of the methods labelled in ``only`` (all when empty); an unknown label is an error."""
+    labels = list(dict.fromkeys(c.label for c in plan))
+    unknown = [label for label in only if label not in labels]
+    if unknown:
+        raise RecipeError(f"--only {', '.join(unknown)}: no bench method has that label; the labels are {', '.join(labels)}")
+    return [c for c in plan if not only or c.label in only]
+
+
 def target_task(task: BenchTask) -> EvalTask:
     return EvalTask(name=task.name, kind="exact_match", data=task.eval, max_new_tokens=task.max_new_tokens, limit=task.limit)
 
 
+def task_eval_data(task: BenchTask) -> str:
+    """The task's held-out rows as a ``data.eval`` source: ``lab:<skill>`` means its eval split there too."""
+    if task.eval.startswith("lab:") and "@" not in task.eval:
+        return f"{task.eval}@eval"
+    return task.eval
+
+
 def cell_recipe(base: Recipe, cell: Cell, task: BenchTask, cells_dir: Path) -> Recipe:
-    """The base recipe with this cell's method, learning rate, seed, task data and run folder."""
+    """The base recipe with this cell's method, learning rate, seed, task data and run folder.
+
+    ``data.eval`` (the periodic eval loss) is the cell's own task, never the base recipe's.
+    """
     data = base.model_dump(mode="json")
     data.pop("bench")
     data["name"] = cell.id
     data["method"] = cell.method
     data["training"].update(lr=cell.lr, seed=cell.seed, keep_last=1)
-    data["data"]["train"] = task.train
+    data["data"].update(train=task.train, eval=task_eval_data(task))
     data["eval"]["target"] = [target_task(task).model_dump(mode="json")]
     data["eval"]["every_n_steps"] = 0
     data["output"].update(dir=str(cells_dir / cell.id), overwrite=True, merge=False)
@@ -123,19 +143,35 @@ class BenchRunner:
         return EvalTask(name="kl_to_base", kind="kl_to_base", data=bench.kl_data, limit=bench.kl_limit)
 
     def base_scores(self) -> dict:
-        """Base-model scores on every target and preserve task (computed once, kept in base.json)."""
+        """Base-model scores on every target and preserve task, kept in base.json; tasks added later are scored then."""
         path = self.out / "base.json"
-        if path.exists():
-            return json.loads(path.read_text())
+        scores = json.loads(path.read_text()) if path.exists() else {}
+        tasks = [target_task(t) for t in self.tasks.values()] + list(self.recipe.eval.preserve)
+        missing = [t for t in tasks if t.name not in scores]
+        if not missing:
+            return scores
         from .evaluation import evaluate_suite
 
         base, tokenizer = self.base_model()
-        tasks = [target_task(t) for t in self.tasks.values()] + list(self.recipe.eval.preserve)
         self.progress("base model: evaluating")
-        results = evaluate_suite(base, tokenizer, tasks, self.recipe.eval.batch_size)
-        scores = {name: score_dict(r) for name, r in results.items()}
+        results = evaluate_suite(base, tokenizer, missing, self.recipe.eval.batch_size)
+        scores.update({name: score_dict(r) for name, r in results.items()})
         write_atomic(path, json.dumps(scores, indent=2))
         return scores
+
+    def finished(self, cell: Cell) -> bool:
+        return (self.cells_dir / cell.id / "cell.json").exists()
+
+    def write_results(self, plan: list[Cell], ran_now: set[str]) -> tuple[list[dict], str]:
+        """results.json/.md and pareto.png from every planned cell with a result: (aggregated rows, what was rebuilt)."""
+        from .bench_report import describe_rebuild, gather_cells, write_results
+
+        cells, counts = gather_cells(self.out, [c.id for c in plan], ran_now)
+        r = self.recipe
+        settings = {"steps": r.training.max_steps, "batch_size": r.training.batch_size, "seeds": r.bench.seeds,
+                    "model": r.model.name_or_path, "held_out": [t.name for t in r.bench.tasks if t.held_out]}  # fmt: skip
+        rows = write_results(self.out, cells, self.base_scores(), [t.name for t in r.eval.preserve], settings)
+        return rows, describe_rebuild(self.out, counts)
 
     def run_cell(self, cell: Cell) -> dict:
         from .evaluation import evaluate_suite
@@ -143,10 +179,14 @@ class BenchRunner:
 
         path = self.cells_dir / cell.id / "cell.json"
         if path.exists():
+            prune_cell(path.parent)  # cells finished before pruning existed
             return json.loads(path.read_text())
         recipe = cell_recipe(self.recipe, cell, self.tasks[cell.task], self.cells_dir)
+        shutil.rmtree(path.parent, ignore_errors=True)  # what an interrupted attempt left: start clean
         start = time.perf_counter()
         result = train(recipe, show_progress=False)
+        if result.interrupted:  # a half-trained cell is never scored; the next run restarts it
+            raise KeyboardInterrupt
         train_seconds = time.perf_counter() - start
         model = result.model.eval()
         base, tokenizer = self.base_model()
@@ -167,7 +207,19 @@ class BenchRunner:
             "scores": scores,
         }
         record.pop("method_json")
-        write_atomic(path, json.dumps(record, indent=2))
         del model, result
+        prune_cell(path.parent)
+        write_atomic(path, json.dumps(record, indent=2))
         gc.collect()
         return record
+
+
+def prune_cell(folder: Path) -> None:
+    """Drop what only a resumed or exported run would need (checkpoints with optimizer state, final/).
+
+    A cell is rerun whole or not at all, so its folder keeps ``cell.json`` (the scores),
+    ``metrics.jsonl``, ``manifest.json`` and ``recipe.resolved.yaml``; ``ppft train`` on that recipe
+    (with ``--output-dir``) rebuilds the model if it is wanted.
+    """
+    for name in ["final", ".tmp-final", *(p.name for p in folder.glob("*checkpoint-*"))]:
+        shutil.rmtree(folder / name, ignore_errors=True)

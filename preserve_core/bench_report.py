@@ -232,6 +232,45 @@ def pareto_plot(rows: list[dict], base: dict, path: Path, held_out: list[str] = 
     tmp.replace(path)
 
 
+def gather_cells(out: Path, plan_ids: list[str], ran_now: set[str]) -> tuple[list[dict], dict[str, int]]:
+    """Every planned cell with a result, in plan order, so a partial run (``--only``) merges into the full table.
+
+    A cell's result is its ``cells/<id>/cell.json``, else its copy in the previous ``results.json``
+    (the cells folder may be gone, e.g. in a fresh clone). Cells no longer planned (a method removed or
+    its options edited) are dropped. Counts: ``run_now``, ``on_disk`` (finished before),
+    ``from_results`` (previous results.json only), ``not_run``, ``dropped``.
+    """
+    path = out / "results.json"
+    previous = {c["id"]: c for c in json.loads(path.read_text()).get("cells", [])} if path.exists() else {}
+    cells, counts = [], dict.fromkeys(("run_now", "on_disk", "from_results", "not_run"), 0)
+    for cell_id in plan_ids:
+        cell_file = out / "cells" / cell_id / "cell.json"
+        if cell_file.exists():
+            cells.append(json.loads(cell_file.read_text()))
+            counts["run_now" if cell_id in ran_now else "on_disk"] += 1
+        elif cell_id in previous:
+            cells.append(previous[cell_id])
+            counts["from_results"] += 1
+        else:
+            counts["not_run"] += 1
+    counts["dropped"] = len(set(previous) - set(plan_ids))
+    return cells, counts
+
+
+def describe_rebuild(out: Path, counts: dict[str, int]) -> str:
+    """One sentence: which files were rebuilt from which cells."""
+    used = counts["run_now"] + counts["on_disk"] + counts["from_results"]
+    text = (
+        f"rebuilt {out}/results.md, results.json and pareto.png from {used} of {used + counts['not_run']} planned cells "
+        f"({counts['run_now']} run now, {counts['on_disk']} finished before, {counts['from_results']} kept from the previous results.json)"
+    )
+    if counts["not_run"]:
+        text += f"; {counts['not_run']} not run yet (ppft bench without --only runs them)"
+    if counts["dropped"]:
+        text += f"; {counts['dropped']} cells of the previous results.json are no longer in the recipe and were left out"
+    return text
+
+
 def write_results(out: Path, cells: list[dict], base: dict, preserve_names: list[str], settings: dict) -> list[dict]:
     rows = aggregate(cells, preserve_names)
     summary = split_summary(rows, list(settings.get("held_out", [])))

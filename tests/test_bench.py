@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import yaml
 from typer.testing import CliRunner
 
 from cli.main import app
+from preserve_core.bench import task_eval_data
+from preserve_core.recipe_schema import BenchTask
 from conftest import reverse_examples, write_jsonl
 
 runner = CliRunner()
@@ -15,8 +18,10 @@ runner = CliRunner()
 
 def bench_recipe(write_recipe, tmp_path, tiny_task_file):
     preserve = write_jsonl(tmp_path / "preserve.jsonl", reverse_examples(12, seed=5))
+    other = write_jsonl(tmp_path / "other_task.jsonl", reverse_examples(8, seed=9))
     path = write_recipe(
         "bench",
+        data={"eval": str(other)},  # the base recipe's eval data: cells must not inherit it
         training={"max_steps": 3, "batch_size": 8},
         eval={"preserve": [{"name": "keep", "kind": "exact_match", "data": str(preserve), "max_new_tokens": 6}]},
     )
@@ -47,6 +52,9 @@ def test_bench_runs_resumes_and_writes_results(write_recipe, tmp_path, tiny_task
     assert "| full | 0.01 |" in (out / "results.md").read_text()
 
     (cell,) = (out / "cells").glob("rev__full__lr0.001__s0__*/cell.json")
+    assert sorted(p.name for p in cell.parent.iterdir()) == ["cell.json", "manifest.json", "metrics.jsonl", "recipe.resolved.yaml"]
+    cell_data = yaml.safe_load((cell.parent / "recipe.resolved.yaml").read_text())["data"]
+    assert cell_data["eval"] == str(tmp_path / "preserve.jsonl"), "the cell's own task, not the base recipe's"
     stamp = cell.stat().st_mtime_ns
     again = runner.invoke(app, ["bench", str(path), "--json"])
     assert again.exit_code == 0 and cell.stat().st_mtime_ns == stamp, "a finished cell must not be re-run"
@@ -68,3 +76,71 @@ def test_bench_rejects_bad_method_before_training(write_recipe, tmp_path, tiny_t
     result = runner.invoke(app, ["bench", str(path)])
     assert result.exit_code == 2 and "rnak" in result.output
     assert not (tmp_path / "bench-out" / "cells").exists()
+
+
+def test_cell_eval_data_is_the_tasks_held_out_split():
+    assert task_eval_data(BenchTask(name="s", train="lab:shift", eval="lab:shift")) == "lab:shift@eval"
+    assert task_eval_data(BenchTask(name="s", train="lab:shift", eval="lab:shift@eval")) == "lab:shift@eval"
+    assert task_eval_data(BenchTask(name="s", train="a.jsonl", eval="/d/b.jsonl")) == "/d/b.jsonl"
+
+
+def test_an_interrupted_cell_is_not_scored_and_reruns(write_recipe, tmp_path, tiny_task_file, monkeypatch):
+    import preserve_core.training as training
+
+    path = bench_recipe(write_recipe, tmp_path, tiny_task_file)
+    real_train = training.train
+
+    def interrupted(recipe, **kwargs):
+        result = real_train(recipe.model_copy(update={"training": recipe.training.model_copy(update={"max_steps": 1})}), **kwargs)
+        result.interrupted = True
+        return result
+
+    monkeypatch.setattr(training, "train", interrupted)
+    result = runner.invoke(app, ["bench", str(path), "--only", "lora8"])
+    assert result.exit_code == 130
+    assert not list((tmp_path / "bench-out" / "cells").glob("*/cell.json"))
+    monkeypatch.setattr(training, "train", real_train)
+    assert runner.invoke(app, ["bench", str(path), "--only", "lora8"]).exit_code == 0
+    (cell,) = (tmp_path / "bench-out" / "cells").glob("rev__lora8__*/cell.json")
+    steps = [json.loads(line)["step"] for line in (cell.parent / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3], "the rerun starts clean: no lines of the interrupted attempt"
+
+
+def scores_by_id(folder):
+    return {p.parent.name: json.load(open(p)) for p in (folder / "cells").glob("*/cell.json")}
+
+
+def test_parallel_cells_equal_sequential_ones_and_partial_runs_merge(write_recipe, tmp_path, tiny_task_file):
+    path = bench_recipe(write_recipe, tmp_path, tiny_task_file)
+    out = tmp_path / "bench-out"
+    parallel = runner.invoke(app, ["bench", str(path), "--only", "full", "--jobs", "2", "--threads", "2"])
+    assert parallel.exit_code == 0, parallel.output
+    said = " ".join(parallel.output.split())
+    assert "from 2 of 3 planned cells (2 run now, 0 finished before" in said and "1 not run yet" in said
+    assert len(json.loads((out / "results.json").read_text())["cells"]) == 2
+    manifest = json.loads(next((out / "cells").glob("rev__full__*/manifest.json")).read_text())
+    assert manifest["torch_threads"] == 1, "--threads 2 over --jobs 2: one thread per worker"
+
+    merged = runner.invoke(app, ["bench", str(path), "--only", "lora8"])
+    assert merged.exit_code == 0, merged.output
+    assert "from 3 of 3 planned cells (1 run now, 2 finished before, 0 kept" in " ".join(merged.output.split())
+    table = (out / "results.md").read_text()
+    assert "| full | 0.01 |" in table and "| full | 0.001 |" in table and "| lora8 | 0.01 |" in table
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 3
+
+    sequential = runner.invoke(app, ["bench", str(path), "--only", "full", "--threads", "1", "--set", f"bench.out_dir={tmp_path / 'seq'}"])
+    assert sequential.exit_code == 0, sequential.output
+    seq, par = scores_by_id(tmp_path / "seq"), scores_by_id(out)
+    assert len(seq) == 2 and all(seq[i]["scores"] == par[i]["scores"] and seq[i]["final_loss"] == par[i]["final_loss"] for i in seq)
+
+    for cell in (out / "cells").glob("rev__full__*"):  # cell folders gone (a fresh clone): results.json keeps them
+        shutil.rmtree(cell)
+    kept = runner.invoke(app, ["bench", str(path), "--only", "lora8"])
+    assert "(0 run now, 1 finished before, 2 kept from the previous results.json)" in " ".join(kept.output.split())
+    assert len(json.loads((out / "results.json").read_text())["cells"]) == 3
+
+
+def test_only_with_an_unknown_label_is_bad_input(write_recipe, tmp_path, tiny_task_file):
+    path = bench_recipe(write_recipe, tmp_path, tiny_task_file)
+    result = runner.invoke(app, ["bench", str(path), "--only", "lora"])
+    assert result.exit_code == 2 and "lora8" in result.output

@@ -224,7 +224,9 @@ def test_bad_refs_are_recipe_errors_with_suggestions(lab_home):
         resolve_data_ref("lab:shift", "test")
 
 
-def test_cli_build_and_info(lab_home):
+def test_cli_build_and_info(lab_home, tmp_path, monkeypatch):
+    import shutil
+
     runner = CliRunner()
     missing = runner.invoke(app, ["lab", "info", "--size", "micro"])
     assert missing.exit_code == 2 and "ppft lab build --size micro" in missing.output
@@ -235,6 +237,18 @@ def test_cli_build_and_info(lab_home):
     assert again.exit_code == 0 and "reused" in again.output
     card = json.loads(runner.invoke(app, ["lab", "info", "--size", "micro", "--json"]).stdout)
     assert card["model"] == resolve_model_ref("lab:micro") and set(card["accuracy"]) == set(SKILLS)
+
+    # A copied home: info shows the data folder of the current $PPFT_HOME, not the one built in
+    moved = tmp_path / "moved-home"
+    shutil.copytree(lab_home.parent, moved)
+    monkeypatch.setenv("PPFT_HOME", str(moved))
+    shown = CliRunner().invoke(app, ["lab", "info", "--size", "micro"])
+    assert shown.exit_code == 0, shown.output
+    (data,) = (moved / "lab").glob("data-*")
+    flat = shown.output.replace("\n", "")  # rich folds long paths across lines
+    assert str(data) in flat and str(lab_home) not in flat
+    as_json = CliRunner().invoke(app, ["lab", "info", "--size", "micro", "--json"])
+    assert json.loads(as_json.stdout)["data"] == str(data)
 
 
 # The real `tiny` lab, built (or reused) in $PPFT_HOME: minutes on 2 cores, so CI-only.

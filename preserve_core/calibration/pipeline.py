@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 from dataclasses import asdict, dataclass, field
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..data import load_rows
 from ..errors import PPFTError, RecipeError
+from ..locks import exclusive_lock
 from ..models import model_fingerprint, resolve_target_modules
 from .batches import encode_preserve_text, preserve_batches, task_batches
 from .dist import Dist
@@ -273,6 +275,13 @@ def ensure_calibration(
     data hash), adding the statistics and extras it lacks; otherwise (or with ``force``) compute it
     afresh. ``stats`` as in :func:`run_calibration`. ``.reused`` tells which happened."""
     dist = Dist(accelerator)
+    # Single processes sharing the folder (parallel bench cells) take turns: one computes, the others reuse.
+    lock = exclusive_lock(recipe.calibration_dir()) if dist.world == 1 else contextlib.nullcontext()
+    with lock:
+        return _ensure(recipe, model, tokenizer, method_cls, dist, force, stats)
+
+
+def _ensure(recipe, model: nn.Module, tokenizer, method_cls, dist: Dist, force: bool, stats: list[str] | None) -> Calibration:
     identity = calibration_identity(recipe, model, tokenizer)
     which = _ordered(stats if stats is not None else stats_needed(method_cls, recipe.method))
     manifest = read_manifest(recipe.calibration_dir())
