@@ -223,3 +223,4 @@ def prune_cell(folder: Path) -> None:
     """
     for name in ["final", ".tmp-final", *(p.name for p in folder.glob("*checkpoint-*"))]:
         shutil.rmtree(folder / name, ignore_errors=True)
+    (folder / ".lock").unlink(missing_ok=True)  # the finished run's lock (preserve_core.runlock)
