@@ -79,6 +79,30 @@ def _orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64))[0]
 
 
+@pytest.mark.parametrize("k", [3, 10, 12])  # 10, 12 of 12: the layer keeps Q's complement
+def test_complement_init_keeps_kaiming_row_norms_inside_the_complement(k):
+    """``init: complement``: row i of A is (A0_i P_Q) |A0_i| / |A0_i P_Q|, A0 = the Kaiming draw of that seed."""
+    from preserve_core.methods.fora_bases import ForaBases, RightProjector
+
+    n, m, r = 12, 5, 4
+    q = _orthonormal(n, k, 3).float()
+    bases = ForaBases(right=RightProjector.smaller_of(q), u1=torch.zeros(m, 0), u_c=torch.zeros(m, 0), v_c=torch.zeros(n, 0))
+    torch.manual_seed(7)
+    a0 = ForaLinear(torch.nn.Linear(n, m), bases, r=r, alpha=2 * r).lora_A.detach().double()
+    torch.manual_seed(7)
+    layer = ForaLinear(torch.nn.Linear(n, m), bases, r=r, alpha=2 * r, init="complement")
+    qd = q.double()
+    free = a0 - a0 @ qd @ qd.T
+    expected = free * (a0.norm(dim=1) / free.norm(dim=1)).unsqueeze(1) if k < n else torch.zeros(r, n, dtype=torch.float64)
+    torch.testing.assert_close(layer.lora_A.detach().double(), expected, atol=1e-5, rtol=1e-5)
+    a_prime, _ = layer.branch_factors()
+    torch.testing.assert_close(a_prime.detach().double(), expected, atol=1e-5, rtol=1e-5)  # A' = A at step 0
+    if k == 10:
+        assert a0.norm() > 1.5 * free.norm()  # what PEFT's init would lose
+    if k < n:
+        torch.testing.assert_close(layer.lora_A.norm(dim=1).double(), a0.norm(dim=1), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("k", [2, 5])  # 5 of 6: the optimizer projects with Q's complement
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_projected_adamw_equals_adam_on_m(weight_decay, k):

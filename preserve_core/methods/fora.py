@@ -35,6 +35,11 @@ class ForaOptions(MethodOptions):
     r: int = Field(8, gt=0, description="LoRA rank (form: lora).")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator: M = (alpha / r) B A (form: lora).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch's input (form: lora).")
+    init: Literal["kaiming", "complement"] = Field(
+        "kaiming",
+        description="form: lora, A's initial rows: PEFT's Kaiming-uniform (kaiming), or those rows projected onto "
+        "the complement of Q and rescaled to their Kaiming norm (complement, ours).",
+    )
     source: Literal["activation", "weight"] = Field(
         "activation",
         description="Q from the top eigenvectors of C_p (activation) or the top right singular vectors of W (weight).",
@@ -83,7 +88,9 @@ class Fora(Method):
         for name in self.ctx.target_modules:
             linear = model.get_submodule(name)
             bases = compute_bases(linear.weight, self._input_projector(name, shared), self.options)
-            layer = ForaLinear(linear, bases, self.options.r if lora else 0, self.options.alpha, self.options.dropout)
+            layer = ForaLinear(
+                linear, bases, self.options.r if lora else 0, self.options.alpha, self.options.dropout, self.options.init
+            )
             _replace_module(model, name, layer)
             self.layers[name] = layer
             if not lora:

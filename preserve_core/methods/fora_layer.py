@@ -26,7 +26,10 @@ from .fora_bases import ForaBases, RightProjector, project_left
 
 
 class ForaLinear(nn.Module):
-    def __init__(self, base: nn.Linear, bases: ForaBases, r: int = 0, alpha: float = 1.0, dropout: float = 0.0):
+    def __init__(
+        self, base: nn.Linear, bases: ForaBases, r: int = 0, alpha: float = 1.0, dropout: float = 0.0,
+        init: str = "kaiming",
+    ):  # fmt: skip
         super().__init__()
         self.base = base
         self.r = r
@@ -41,9 +44,31 @@ class ForaLinear(nn.Module):
         if r:
             self.lora_A = nn.Parameter(torch.empty(r, n, device=device))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's LoRA init
+            if init == "complement":
+                self._init_in_complement()
             self.lora_B = nn.Parameter(torch.zeros(m, r, device=device))
             self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.delta = nn.Parameter(torch.zeros(self.u_c.shape[1], device=device)) if self.u_c.shape[1] else None
+
+    @torch.no_grad()
+    def _init_in_complement(self) -> None:
+        """Rows of ``A`` projected onto the complement of ``Q`` and rescaled to their Kaiming norm.
+
+        ``A_i <- (A_i P_Q) |A_i| / |A_i P_Q|``: at step 0 ``A' = A`` and each row has PEFT's initial size
+        whatever ``k`` is (a Kaiming row projected on ``n - k`` of ``n`` directions keeps only about
+        ``sqrt((n - k) / n)`` of its norm, which slows B's first steps as ``k -> n``). Rows whose
+        projection vanishes (``k = n``) become 0.
+        """
+        a = self.lora_A
+        projected = self.projector(a)
+        norms, full = projected.norm(dim=1, keepdim=True), a.norm(dim=1, keepdim=True)
+        alive = norms > 1e-4 * full  # below: float32 rounding of a row Q spans entirely
+        scale = torch.where(alive, full / norms.clamp_min(1e-30), torch.zeros_like(norms))
+        a.copy_(projected * scale)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.weight.shape[1]
 
     @property
     def weight(self) -> torch.Tensor:
