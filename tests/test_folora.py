@@ -312,3 +312,37 @@ def test_refresh_window_with_gradient_checkpointing(write_recipe, monkeypatch):
     )  # fmt: skip
     run(path)
     assert len(tokens) == 1 and len(set(tokens[0].values())) == 1 and next(iter(tokens[0].values())) > 0
+
+
+def test_euclidean_step_divides_each_columns_gate_and_init_by_its_length(write_recipe, monkeypatch):
+    """``step: euclidean``: gate_i / |v_i| in the optimizer, |v_i| from scipy's M-normalised eigenvectors of
+    ``C_t v = lambda M v``; initial rows of ``A = A~ V^T`` have PEFT's mean squared norm 1/3."""
+    import numpy as np
+    import scipy.linalg
+
+    seen = {}
+    original = Folora.build_optimizer
+
+    def capture(self, model, training):
+        optimizer = original(self, model, training)
+        seen["method"], seen["optimizer"] = self, optimizer
+        seen["a0"] = {name: w.lora_A().detach().clone() for name, w in self.wrappers.items()}
+        return optimizer
+
+    monkeypatch.setattr(Folora, "build_optimizer", capture)
+    run(folora_recipe(write_recipe, "euclid", {"step": "euclidean", "damping": 1e-2}, training={"max_steps": 1}))
+    method, optimizer = seen["method"], seen["optimizer"]
+    row_norms = []
+    for key, names in method.names_by_key.items():
+        c_t = method.ctx.calibration.cov_by_key("task", key).double().numpy()
+        m = damped_preserve(method.ctx.calibration.cov_by_key("preserve", key), 1e-2).numpy()
+        lam, vecs = scipy.linalg.eigh((c_t + c_t.T) / 2, m)  # ascending, vecs^T M vecs = I
+        lengths = torch.from_numpy(np.linalg.norm(vecs[:, ::-1], axis=0).copy())
+        lam = torch.from_numpy(lam[::-1].copy())
+        expected = gate_values(lam, gamma_of(lam, 0.5), "soft").double() / lengths
+        for name in names:
+            got = optimizer.gate(method.wrappers[name].lora_A_tilde).double()
+            torch.testing.assert_close(got, expected, rtol=2e-3, atol=1e-6)
+            row_norms.append(seen["a0"][name].double().square().sum(1))
+    assert lengths.max() > 3 * lengths.min()  # the penalty step would differ a lot between columns
+    assert 0.25 < float(torch.cat(row_norms).mean()) < 0.42

@@ -70,6 +70,12 @@ class FoloraOptions(MethodOptions):
     init_gated: bool = Field(
         False, description="Scale A~'s random initial columns by their step-0 gate (ours; the spec: plain random)."
     )
+    step: Literal["penalty", "euclidean"] = Field(
+        "penalty",
+        description="penalty (spec): Adam steps A~ in units of forgetting penalty, so A moves lr |v_i| along v_i; "
+        "euclidean (ours): column i's step and initial std are divided by |v_i|, so A moves lr along every open "
+        "direction, as plain LoRA's A does.",
+    )
     refresh_every: int = Field(0, ge=0, description="Re-estimate C_t, V and lambda every this many steps (0: never).")
     refresh_window: int = Field(
         16, ge=1, description="Optimizer steps before each refresh whose task inputs form the estimate."
@@ -92,6 +98,7 @@ class Folora(Method):
         super().__init__(options, ctx)
         self.wrappers: dict[str, FoloraLinear] = {}
         self.names_by_key: dict[str, list[str]] = {}
+        self.step_scales: dict[str, torch.Tensor] = {}  # per-column step factor, float32 [K]
         self.values: dict[str, torch.Tensor] = {}  # lambda per input key, float64 [K]
         self.rebased: set[str] = set()  # input keys whose basis a refresh replaced (checkpointed then)
         self.gammas: dict[str, float] = {}
@@ -113,6 +120,7 @@ class Folora(Method):
                 solved[key] = Basis(vectors, basis.values), init_std
                 del basis  # the float64 solution: only the float32 copy lives on
                 self.values[key] = solved[key][0].values
+                self.step_scales[key] = self._step_scale(vectors)
             self.names_by_key.setdefault(key, []).append(name)
             basis, init_std = solved[key]
             self.wrappers[name] = install(model, name, lambda lin: self._wrap(lin, basis, init_std, key))
@@ -129,13 +137,22 @@ class Folora(Method):
             c_p = self.ctx.calibration.cov_by_key("preserve", key).to(self.ctx.device)
         keep = resolve_keep(self.options.keep, c_p.shape[0])
         basis = generalized_basis(c_t.to(self.ctx.device), c_p, self.options.damping, keep)
+        if self.options.step == "euclidean":  # |a~_i v_i| ~ N(0, 1/(3K)): a row of A has PEFT's norm^2 1/3
+            return basis, default_init_std(float(c_p.shape[0]), c_p.shape[0], keep)
         return basis, default_init_std(float(torch.trace(c_p)), c_p.shape[0], keep)
+
+    def _step_scale(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``1 / |v_i|`` per column of ``V_K`` [n, K] (``step: euclidean``), else ones; float32 [K]."""
+        if self.options.step == "penalty":
+            return torch.ones(vectors.shape[1], device=vectors.device)
+        return (1.0 / vectors.double().norm(dim=0).clamp_min(1e-30)).float()
 
     def _wrap(self, linear: nn.Linear, basis: Basis, init_std: float, key: str) -> FoloraLinear:
         o = self.options
         wrapper = FoloraLinear(linear, basis.vectors, o.r, o.alpha, o.dropout, init_std)
-        if o.init_gated:
-            with torch.no_grad():
+        with torch.no_grad():
+            wrapper.lora_A_tilde.mul_(self.step_scales[key].to(wrapper.lora_A_tilde.device))
+            if o.init_gated:
                 wrapper.lora_A_tilde.mul_(self._gate(key).to(wrapper.lora_A_tilde.device))
         return wrapper
 
@@ -159,7 +176,7 @@ class Folora(Method):
     def _set_gates(self, optimizer) -> None:
         optimizer = unwrap_optimizer(optimizer)
         for key, names in self.names_by_key.items():
-            gate = self._gate(key)
+            gate = self._gate(key) * self.step_scales[key]
             for name in names:
                 optimizer.set_gate(self.wrappers[name].lora_A_tilde, gate)
 
@@ -220,6 +237,7 @@ class Folora(Method):
             if w.basis.data_ptr() != self.wrappers[names[0]].basis.data_ptr() or name == names[0]:
                 w.basis.copy_(basis.vectors)  # the layers of one input share one tensor: copied once
         self.values[key] = basis.values
+        self.step_scales[key] = self._step_scale(basis.vectors)
         self.rebased.add(key)
 
     # -- the weight change (l2sp / ewc regularisers) --------------------------------------------
@@ -253,6 +271,7 @@ class Folora(Method):
                 for name in names:
                     self.wrappers[name].basis.copy_(state[f"basis/{key}"])
             self.values[key] = state[f"values/{key}"].to(self.ctx.device)
+            self.step_scales[key] = self._step_scale(self.wrappers[names[0]].basis)
             self.gammas[key] = float(state[f"gamma/{key}"])
         self.task_covs = {k.partition("/")[2]: v for k, v in state.items() if k.startswith("task_cov/")}
         self.window.load_state_dict({k: v for k, v in state.items() if k.startswith("window_")}, self.ctx.device)
