@@ -208,7 +208,11 @@ def test_full_form_exports_merged_model(write_recipe, calibration_settings, tiny
     assert trainable and all(n.endswith(".base.weight") or n.endswith(".delta") for n in trainable)
 
 
-@pytest.mark.parametrize("method", [{"name": "fora", "dropout": 0.1}, {"name": "weightproj", "form": "full"}])
+@pytest.mark.parametrize(
+    "method",
+    [{"name": "fora", "dropout": 0.1}, {"name": "weightproj", "form": "full"},
+     {"name": "fora", "form": "full", "refresh_every": 3, "refresh_samples": 8}],
+)  # fmt: skip
 def test_resume_is_exact(method, write_recipe, calibration_settings):
     """5 steps, stop, resume for 5 more == 10 straight (LoRA form with dropout; full form with weight decay)."""
     label = method["name"]
@@ -220,13 +224,77 @@ def test_resume_is_exact(method, write_recipe, calibration_settings):
     shutil.rmtree(first.run_dir / "final")
     shutil.rmtree(list_checkpoints(first.run_dir)[-1])
     assert list_checkpoints(first.run_dir)[-1].name == "checkpoint-000005"
-    assert load_file(list_checkpoints(first.run_dir)[-1] / "method.safetensors").keys() == {"bases_sha256"}
+    keys = load_file(list_checkpoints(first.run_dir)[-1] / "method.safetensors").keys()
+    if method.get("refresh_every"):  # the Q refreshed at step 3 is state: checkpointed with the hash
+        assert "bases_sha256" in keys and any(k.startswith("refreshed/") for k in keys)
+    else:
+        assert keys == {"bases_sha256"}
     resumed = run(interrupted, resume=True)
     torch.testing.assert_close(logits(resumed.model), logits(straight.model), atol=1e-6, rtol=0)
     a, b = (load_file(next(r.final_dir.glob("*.safetensors"))) for r in (straight, resumed))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_refresh_recomputes_q_on_the_current_model_and_later_steps_obey_it(write_recipe, calibration_settings):
+    """refresh_every 3 of 6 steps: the final Q spans the top-k eigenvectors of C_p measured (float64, by
+    hand) on the step-3 model's activations of the first 8 preserve sequences; steps 4-6 satisfy
+    ``(W_6 - W_3) Q_new = 0`` while ``W_3 - W_0`` does not (it obeyed the calibration Q)."""
+    from preserve_core.calibration.batches import preserve_batches
+    from preserve_core.calibration.store import Calibration, read_manifest
+
+    method = {"form": "full", "refresh_every": 3, "refresh_samples": 8, "u_rank": 0, "spectral_size": 0}
+    recipe = fora_recipe(write_recipe, calibration_settings, "refresh", method, save_every=3, keep_last=3)
+    result = run(recipe)
+    step3 = load_file(list_checkpoints(result.run_dir)[0] / "trainable.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir, dtype=torch.float64)
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    base = AutoModelForCausalLM.from_pretrained(load_recipe(recipe).model.name_or_path, dtype=torch.float64)
+    w0 = {n: p.detach() for n, p in base.named_parameters()}
+    for name, value in step3.items():  # the model at step 3 (trainable names end in .base.weight)
+        model.get_submodule(name.removesuffix(".base.weight")).weight.data.copy_(value.double())
+    cal = Calibration(calibration_settings["dir"], read_manifest(calibration_settings["dir"]))
+    tokenizer = load_tokenizer_for(recipe)
+    batches = preserve_batches(cal.preserve_sequences(tokenizer, 32)[:8], tokenizer, 32, 16)
+    layers = {n: m for n, m in result.model.named_modules() if isinstance(m, ForaLinear)}
+    inputs = {n: [] for n in layers}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0])) for n in layers]
+    with torch.no_grad():
+        for batch in batches:
+            inputs_mask = batch["attention_mask"].bool()
+            before = {n: len(v) for n, v in inputs.items()}
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            for n in layers:
+                inputs[n][before[n]] = inputs[n][before[n]][inputs_mask]
+    for h in hooks:
+        h.remove()
+    for name, layer in layers.items():
+        x = torch.cat(inputs[name])
+        values, vectors = torch.linalg.eigh(x.T @ x / x.shape[0])
+        k = layer.q.shape[1]
+        assert k == select_rank(values.flip(0).clamp_min(0), 0.9, None, 0.5)
+        top = vectors.flip(1)[:, :k]
+        q = layer.q.double()
+        torch.testing.assert_close(q @ q.T, top @ top.T, atol=2e-4, rtol=0)
+        key = f"{name}.weight"
+        late = final[key] - step3[f"{name}.base.weight"].double()
+        early = step3[f"{name}.base.weight"].double() - w0[key]
+        assert late.norm() > 1e-3 and (late @ q).norm() / late.norm() < 1e-5, name
+        assert (early @ q).norm() / early.norm() > 1e-3, f"{name}: the refresh did not change Q"
+
+
+def load_tokenizer_for(recipe_path):
+    from preserve_core.models import load_tokenizer
+
+    return load_tokenizer(load_recipe(recipe_path).model)
+
+
+def test_refresh_needs_the_full_form(write_recipe, calibration_settings):
+    from preserve_core.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="form: full"):
+        load_recipe(fora_recipe(write_recipe, calibration_settings, "bad", {"form": "lora", "refresh_every": 2}))
 
 
 @pytest.mark.parametrize("method", [{"name": "weightproj"}, {"name": "fora", "source": "weight"}])

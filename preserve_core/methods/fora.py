@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import PPFTError
@@ -22,6 +22,7 @@ from .base import PRESERVE_STATS, Method, MethodOptions
 from .fora_bases import RightProjector, compute_bases, input_projector
 from .fora_layer import ForaLinear
 from .fora_optim import ProjectedAdamW
+from .fora_refresh import current_preserve_covs, refresh_batches, refreshed_projectors
 
 BASES = ("right", "u1", "u_c", "v_c")
 BASES_HASH = "bases_sha256"
@@ -58,6 +59,21 @@ class ForaOptions(MethodOptions):
         8, ge=0, description="s: trainable singular-value shifts delta on s triplets of W (0 disables the channel)."
     )
     spectral_which: Literal["top", "tail"] = Field("top", description="Which triplets carry the channel: top or tail.")
+    refresh_every: int = Field(
+        0, ge=0, le=10**9,
+        description="form: full: re-estimate C_p on the current model and recompute Q every this many steps "
+        "(0: never, the spec; ours).",
+    )  # fmt: skip
+    refresh_samples: int = Field(
+        64, gt=0, le=10**7, description="Calibration preserve sequences each refresh runs through the model."
+    )
+
+    @model_validator(mode="after")
+    def _refresh_needs_full_form(self):
+        if self.refresh_every and (self.form != "full" or self.source != "activation"):
+            raise ValueError("refresh_every re-estimates Q from activations for form: full, source: activation only "
+                             "(in the LoRA form A' would jump with Q); set those or refresh_every: 0")
+        return self
 
 
 class Fora(Method):
@@ -72,7 +88,9 @@ class Fora(Method):
         self.is_adapter = options.form == "lora"
         self.layers: dict[str, ForaLinear] = {}
         self.anchors: dict[str, torch.Tensor] = {}
-        self.w0: dict[str, torch.Tensor] = {}  # full form, when a regulariser reads weight_deltas
+        self.w0: dict[str, torch.Tensor] = {}
+        self.optimizer: ProjectedAdamW | None = None
+        self.refreshed: dict[str, RightProjector] = {}  # input key -> P_Q from the last refresh  # full form, when a regulariser reads weight_deltas
 
     @classmethod
     def needs_for(cls, options: ForaOptions) -> frozenset[str]:
@@ -119,10 +137,39 @@ class Fora(Method):
         params = [p for p in model.parameters() if p.requires_grad]
         projectors = {layer.base.weight: (layer.projector, layer.u1) for layer in self.layers.values()}
         anchors = {self.layers[n].base.weight: w0 for n, w0 in self.anchors.items()}
-        return ProjectedAdamW(
+        self.optimizer = ProjectedAdamW(
             params, lr=training.lr, betas=training.adam_betas, eps=training.adam_eps,
             weight_decay=training.weight_decay, projectors=projectors, anchors=anchors,
         )  # fmt: skip
+        return self.optimizer
+
+    # -- refreshing Q (form: full, refresh_every > 0; fora_refresh.py) ---------------------------
+    def after_step(self, model: nn.Module, optimizer, step: int) -> None:
+        every = self.options.refresh_every
+        if every and step % every == 0 and step < self.ctx.recipe.training.max_steps:
+            self.refresh_q(model)
+
+    def refresh_q(self, model: nn.Module) -> None:
+        """``P_Q`` of every input from ``C_p`` of the current model's preserve activations."""
+        self.bases_digest()  # the calibration bases' hash, taken before they change
+        recipe = self.ctx.recipe
+        batches = refresh_batches(self.ctx.calibration, self.ctx.tokenizer, recipe.data.max_length,
+                                  self.options.refresh_samples, recipe.calibration.stats_batch_size)  # fmt: skip
+        covs = current_preserve_covs(model, list(self.layers), batches)
+        for name, projector in refreshed_projectors(covs, self.options, self.ctx.device).items():
+            self.refreshed[self.ctx.calibration.input_key(name)] = projector
+        self._apply_refreshed()
+
+    def _apply_refreshed(self) -> None:
+        """Every layer (and the projected AdamW) reads its input's refreshed ``P_Q``."""
+        if not self.refreshed:
+            return
+        for name, layer in self.layers.items():
+            projector = self.refreshed.get(self.ctx.calibration.input_key(name))
+            if projector is not None:
+                layer.right, layer.q_complement = projector.vectors, projector.complement
+                if self.optimizer is not None:
+                    self.optimizer.set_projector(layer.base.weight, layer.projector, layer.u1)
 
     # -- the weight change (l2sp / ewc regularisers) --------------------------------------------
     def track_weight_deltas(self) -> None:
@@ -145,7 +192,11 @@ class Fora(Method):
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Only the sha256 of every layer's bases: they are derived data, recomputed from the calibration
         (deterministically, bit for bit) when training resumes, and checked against this hash."""
-        return {BASES_HASH: torch.frombuffer(bytearray(self.bases_digest()), dtype=torch.uint8)}
+        state = {BASES_HASH: torch.frombuffer(bytearray(self.bases_digest()), dtype=torch.uint8)}
+        for key, projector in self.refreshed.items():  # refreshed bases are state, not derived data
+            state[f"refreshed/{key}"] = projector.vectors
+            state[f"refreshed_complement/{key}"] = torch.tensor(projector.complement)
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if BASES_HASH not in state:
@@ -156,6 +207,12 @@ class Fora(Method):
                 "(the calibration, the method options or the numerics changed). Restore that calibration, or "
                 "start the run afresh (without --resume)."
             )
+        prefix = "refreshed/"
+        self.refreshed = {
+            k[len(prefix):]: RightProjector(v.to(self.ctx.device), bool(state[f"refreshed_complement/{k[len(prefix):]}"]))
+            for k, v in state.items() if k.startswith(prefix)
+        }  # fmt: skip
+        self._apply_refreshed()
 
     def bases_digest(self) -> bytes:
         """sha256 over every layer's bases in target order (each distinct tensor once, with its shape)."""

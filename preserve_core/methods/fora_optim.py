@@ -52,6 +52,10 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 if missing:
                     raise ValueError("weight decay on a projected parameter needs its W_0 anchor")
 
+    def set_projector(self, p: torch.Tensor, right, u1: torch.Tensor) -> None:
+        """Project ``p``'s later steps with ``(right, U_1)`` (FORA's refresh of ``Q``); moments are kept."""
+        self.projectors[p] = (_as_projector(right, self._made), u1)
+
     def project(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``P_U x P_Q`` for a projected ``p``; ``x`` unchanged otherwise."""
         if p not in self.projectors:
