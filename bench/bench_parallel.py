@@ -4,8 +4,8 @@
 
 A 4-cell subset of ``recipes/lab_bench.yaml`` (task ``shift``, seed 0, methods ``full`` and ``lora`` at
 both learning rates; 200 steps x 32 each, as in the full bench) runs through the CLI in fresh folders,
-one after another in one script: ``--jobs 1`` with torch's default threads, ``--jobs 1 --threads 1``,
-and ``--jobs 2`` (cores // 2 threads per worker). Every folder starts from the same ``base.json`` so
+one after another in one script: ``--jobs 1 --threads 1``, ``--jobs 2`` (cores // 2 threads per
+worker) and ``--jobs 1`` with torch's default threads. Every folder starts from the same ``base.json`` so
 only the cells are timed. The machine is shared: the 1-minute load average before and after each run
 is recorded next to its time.
 """
@@ -28,7 +28,7 @@ SUBSET = [
     "--set", 'bench.tasks=[{name: shift, train: "lab:shift", eval: "lab:shift"}]',
     "--only", "full", "--only", "lora",
 ]  # fmt: skip
-CONFIGS = {"jobs1_default_threads": [], "jobs1_threads1": ["--threads", "1"], "jobs2": ["--jobs", "2"]}
+CONFIGS = {"jobs1_threads1": ["--threads", "1"], "jobs2": ["--jobs", "2"], "jobs1_default_threads": []}
 
 
 def load() -> float:
@@ -81,6 +81,10 @@ def main() -> None:
         for name in args.configs.split(","):
             results[name] = run_config(CONFIGS[name], Path(tmp) / name, base, env)
             print(name, f"{results[name]['wall_seconds']:.0f} s", f"load {results[name]['load_1min_before']:.1f}", flush=True)
+            write(Path(args.out), results)  # after each configuration: a long run stopped early keeps what it measured
+
+
+def write(path: Path, results: dict) -> None:
     first = next(iter(results.values()))
     same = all(r["cells"].keys() == first["cells"].keys() and all(r["cells"][i]["scores"] == first["cells"][i]["scores"] for i in r["cells"]) for r in results.values())
     summary = {
@@ -91,8 +95,7 @@ def main() -> None:
         if {"jobs1_threads1", "jobs2"} <= results.keys() else None,
         "load_note": "2 cores shared with other engineers' jobs: see load_1min_before/after of each run",
     }
-    Path(args.out).write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    path.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -67,11 +67,31 @@ def eval_section(data: dict) -> list[str]:
     ]
 
 
+def parallel_section(data: dict) -> list[str]:
+    s = data["summary"]
+    lines = [
+        f"{s['cells']} lab cells (200 steps x 32 each), {s['cores']} cores shared with other jobs (1-minute load average "
+        f"before/after each run); same scores in every configuration: {s['same_scores_in_every_config']}",
+        "",
+        "| configuration | wall (s) | mean cell train + eval (s) | load before / after | KB per finished cell |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in data["runs"].items():
+        cells = list(r["cells"].values())
+        per_cell = sum(c["train_seconds"] + c["eval_seconds"] for c in cells) / len(cells)
+        kb = sum(r["cell_folder_bytes"].values()) / len(r["cell_folder_bytes"]) / 1024
+        lines.append(f"| {name} | {r['wall_seconds']:.0f} | {per_cell:.0f} | {r['load_1min_before']:.1f} / {r['load_1min_after']:.1f} | {kb:.0f} |")
+    if s.get("speedup_jobs2_over_jobs1_threads1"):
+        lines += ["", f"Speed-up of --jobs 2 over --jobs 1 --threads 1: {s['speedup_jobs2_over_jobs1_threads1']:.2f}x"]
+    return lines
+
+
 SECTIONS = [
     ("Training throughput", "train.json", train_section, "python bench/bench_train.py"),
     ("Method step time and memory", "methods.json", methods_section, "python bench/bench_methods.py"),
     ("Calibration overhead", "calibration.json", calibration_section, "python bench/bench_calibration.py"),
     ("Evaluation vs lm-evaluation-harness", "eval.json", eval_section, "python bench/bench_eval.py (needs ppft[lmeval])"),
+    ("Parallel bench cells and threads", "parallel.json", parallel_section, "python bench/bench_parallel.py"),
 ]
 
 
