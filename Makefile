@@ -32,7 +32,7 @@ test-all: setup
 # Benchmarks: results in bench/results/, summarised in docs/results.md.
 bench: setup
 	$(VENV)/bin/ppft lab build --size tiny --no-progress
-	$(VENV)/bin/ppft bench recipes/lab_bench.yaml
+	$(VENV)/bin/ppft bench recipes/lab_bench.yaml --jobs 2
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_methods.py
 	$(PY) bench/bench_calibration.py
