@@ -2,8 +2,8 @@
 
 torch's default is one intra-op thread per core (or ``OMP_NUM_THREADS``). That is right for one run
 on an idle machine and wrong for several processes sharing the cores: each spins a thread per core
-and they preempt one another (a bench cell took 255 s with the default under load, 37-71 s with one
-thread). ``training.threads`` / ``--threads`` set the count for a process; ``ppft bench --jobs N``
+and they preempt one another (on 2 shared cores, 4 bench cells took 106 s with the default 2 threads,
+90 s with one, 70 s two at a time: bench/results/parallel.json). ``training.threads`` / ``--threads`` set the count for a process; ``ppft bench --jobs N``
 gives each worker ``cores // N``.
 """
 
