@@ -57,8 +57,10 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    run_dir: Path, state: TrainState, method, model, optimizer, scheduler, keep_last: int, regularizers=None
+    run_dir: Path, state: TrainState, method, model, optimizer, scheduler, keep_last: int, regularizers=None,
+    optimizer_state: dict | None = None,
 ) -> Path:
+    """Write ``checkpoint-<step>`` atomically; ``optimizer_state`` (default ``optimizer.state_dict()``): gathered under FSDP."""
     final = run_dir / f"checkpoint-{state.step:06d}"
     tmp = run_dir / f".tmp-checkpoint-{state.step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -71,7 +73,10 @@ def save_checkpoint(
     if regularizer_state:
         save_file(_contiguous(regularizer_state), tmp / "regularizers.safetensors")
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), "train": asdict(state)},
+        {
+            "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            "scheduler": scheduler.state_dict(), "rng": rng_state(), "train": asdict(state),
+        },  # fmt: skip
         tmp / "state.pt",
     )
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
@@ -106,14 +111,20 @@ def _read_state(path: Path) -> dict:
 
 
 def load_checkpoint(path: Path, method, model, optimizer, scheduler, regularizers=None) -> TrainState:
-    """Restore everything ``save_checkpoint`` wrote; returns the saved :class:`TrainState`."""
-    method.load_trainable_state(model, _read_tensors(path / "trainable.safetensors"))
+    """Restore everything ``save_checkpoint`` wrote; returns the saved :class:`TrainState`.
+
+    The files hold full tensors; under FSDP each is split like the parameter it belongs to.
+    """
+    from .sharding import shard_optimizer_state, shard_state_like
+
+    method.load_trainable_state(model, shard_state_like(_read_tensors(path / "trainable.safetensors"), model))
     if (path / "method.safetensors").exists():
         method.load_state_dict(_read_tensors(path / "method.safetensors"))
     if regularizers is not None and (path / "regularizers.safetensors").exists():
         regularizers.load_state_dict(_read_tensors(path / "regularizers.safetensors"))
     blob = _read_state(path / "state.pt")
     optimizer.load_state_dict(blob["optimizer"])
+    shard_optimizer_state(optimizer)
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return TrainState(**blob["train"])

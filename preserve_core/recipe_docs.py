@@ -14,6 +14,7 @@ from .methods.regularizer_options import REGULARIZER_OPTIONS
 from .recipe_schema import (
     CalibrationConfig,
     DataConfig,
+    DistributedConfig,
     EvalConfig,
     EvalTask,
     ModelConfig,
@@ -26,6 +27,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("model", ModelConfig),
     ("data", DataConfig),
     ("training", TrainingConfig),
+    ("training.distributed", DistributedConfig),
     ("calibration", CalibrationConfig),
     ("eval", EvalConfig),
     ("eval.target[] / eval.preserve[]", EvalTask),

@@ -99,6 +99,19 @@ class DataConfig(StrictModel):
     append_eos: bool = Field(True, description="Append the EOS token so the model learns to stop.")
 
 
+class DistributedConfig(StrictModel):
+    """How several processes share the work (one process: ignored)."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="ddp: every process holds the whole model; fsdp: parameters, gradients and optimizer state "
+        "sharded over processes (FSDP2); auto: fsdp under `accelerate launch` with an FSDP config, else ddp.",
+    )
+    reshard_after_forward: bool = Field(
+        True, description="fsdp: free gathered layer weights after each forward (less memory, one more all-gather)."
+    )
+
+
 class TrainingConfig(StrictModel):
     """Optimisation. Steps count optimizer updates (after gradient accumulation)."""
 
@@ -127,6 +140,9 @@ class TrainingConfig(StrictModel):
         description="CPU threads torch uses in this process (intra- and inter-op; ppft train/eval/calibrate/bench, "
         "or --threads). None: torch's default (OMP_NUM_THREADS, else one per core). ppft bench --jobs N gives each "
         "worker this many (default: the cores) // N.",
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="DDP or FSDP across processes (see training.distributed)."
     )
 
 

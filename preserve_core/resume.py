@@ -27,6 +27,7 @@ from .progress import notice
 BOOKKEEPING = (
     "name", "output.", "eval.", "training.log_every", "training.eval_every", "training.save_every",
     "training.keep_last", "training.tensorboard", "training.threads",
+    "training.distributed.",  # DDP vs FSDP: the same updates
 )  # fmt: skip
 
 

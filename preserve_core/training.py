@@ -34,6 +34,18 @@ from .runlock import run_lock
 from .resume import apply_new_hyperparameters, check_recipe_changes, optimizer_hyperparameters, resume_checkpoint
 from .runs import MetricsLog, prepare_run_dir, write_manifest
 from .threads import set_threads
+from .sharding import (
+    all_ranks_true,
+    check_fsdp_recipe,
+    clip_sharded_gradients,
+    fsdp_settings,
+    full,
+    full_optimizer_state,
+    full_parameters,
+    is_sharded,
+    local,
+    shard_model,
+)
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
@@ -140,6 +152,9 @@ def train(recipe, resume: bool = False, show_progress: bool = True, allow_change
     differs from the checkpoint's (see :mod:`preserve_core.resume`).
     """
     set_threads(recipe.training.threads)
+    settings = fsdp_settings(recipe)
+    if settings is not None:
+        check_fsdp_recipe(recipe, settings)
     accelerator = make_accelerator(recipe)
     run_dir = recipe.run_dir()
     with run_lock(run_dir) if accelerator.is_main_process else nullcontext():
@@ -150,7 +165,7 @@ def train(recipe, resume: bool = False, show_progress: bool = True, allow_change
         if resume:
             checkpoint = resume_checkpoint(run_dir)
             start = ResumePoint(checkpoint, check_recipe_changes(recipe, checkpoint, allow_changes))
-        return _train_locked(recipe, accelerator, run_dir, start, show_progress)
+        return _train_locked(recipe, accelerator, run_dir, start, show_progress, settings)
 
 
 def _restore(start: ResumePoint, method, model, optimizer, scheduler, regularizers) -> TrainState:
@@ -162,13 +177,18 @@ def _restore(start: ResumePoint, method, model, optimizer, scheduler, regularize
     return state
 
 
-def _train_locked(recipe, accelerator, run_dir: Path, start: ResumePoint | None, show_progress: bool) -> TrainResult:
-    """The run itself, once rank 0 holds the run folder's lock; ``start``: where to resume from."""
+def _train_locked(recipe, accelerator, run_dir: Path, start: ResumePoint | None, show_progress: bool, settings) -> TrainResult:
+    """The run itself, once rank 0 holds the run folder's lock; ``start``: where to resume from;
+    ``settings``: FSDP settings (None: DDP or one process)."""
     set_seed(recipe.training.seed)
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model, accelerator.device)
     fingerprint = model_fingerprint(model)
     method, model, regularizers = setup_method(recipe, model, tokenizer, accelerator)
+    sharded = settings is not None and accelerator.num_processes > 1
+    if sharded:
+        model = shard_model(model, accelerator.device, settings, accelerator.mixed_precision)
+        method.on_sharded(model)
     dataset, truncation = build_train_dataset(recipe, tokenizer)
     dataset = regularizers.training_data(method.training_data(dataset))
     eval_set, _ = build_eval_dataset(recipe, tokenizer)
@@ -176,7 +196,8 @@ def _train_locked(recipe, accelerator, run_dir: Path, start: ResumePoint | None,
     scheduler = build_scheduler(optimizer, recipe.training)
     state = _restore(start, method, model, optimizer, scheduler, regularizers) if start else TrainState()
     state.recipe = recipe.resolved()
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:  # FSDP already distributed the model; Accelerate's own FSDP path would re-create the parameters
+        model, optimizer = accelerator.prepare(model, optimizer)
     log = MetricsLog(run_dir, accelerator.is_main_process, recipe.training.tensorboard, state.step if start else None)
     resumed = {}
     if start is not None:
@@ -194,7 +215,7 @@ def _train_locked(recipe, accelerator, run_dir: Path, start: ResumePoint | None,
         log.close()
     if not result.interrupted:
         result.final_dir = export_final(recipe, accelerator, method, model, tokenizer)
-    result.model = unwrap_model(model)
+    result.model = model if sharded else unwrap_model(model)
     return result
 
 
@@ -209,23 +230,26 @@ def _manifest_extra(recipe, fingerprint, model, method, truncation, n_examples, 
         "truncation": vars(truncation),
         "num_processes": accelerator.num_processes,
         "torch_threads": torch.get_num_threads(),
+        "distributed": "fsdp" if is_sharded(model) else ("ddp" if accelerator.num_processes > 1 else "none"),
     }
 
 
 def export_final(recipe, accelerator, method, model, tokenizer) -> Path:
-    """Export on rank 0 into a temporary folder, then rename it to ``<run_dir>/final``."""
+    """Export on rank 0 into a temporary folder, then rename it to ``<run_dir>/final`` (FSDP: from gathered weights)."""
     final = recipe.run_dir() / "final"
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tmp = recipe.run_dir() / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        method.export(unwrap_model(model), tmp, tokenizer, recipe.output.merge)
-        for folder in (tmp, tmp / "merged"):  # full weights: say which base they came from
-            if (folder / "config.json").exists():
-                write_model_card(folder, method.base_ref)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+    gathered = full_parameters(model, accelerator.is_main_process, trainable_only=False) if is_sharded(model) else nullcontext()
+    with gathered:
+        if accelerator.is_main_process:
+            tmp = recipe.run_dir() / ".tmp-final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            method.export(unwrap_model(model), tmp, tokenizer, recipe.output.merge)
+            for folder in (tmp, tmp / "merged"):  # full weights: say which base they came from
+                if (folder / "config.json").exists():
+                    write_model_card(folder, method.base_ref)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
     accelerator.wait_for_everyone()
     return final
 
@@ -245,6 +269,7 @@ class TrainingLoop:
         self.saved_step = state.step if state.step else None  # a resumed run's checkpoint exists already
         self.retention = None
         self.regularizers = Regularizers([], None)
+        self.sharded = is_sharded(model)
 
     def run(self, show_progress: bool) -> TrainResult:
         from .retention import RetentionTracker
@@ -278,7 +303,7 @@ class TrainingLoop:
                 loss = outputs.loss
                 extra = self.extra_loss(batch, outputs)
                 if extra is not None:
-                    loss = loss + extra
+                    loss = loss + full(extra)
                 self.accelerator.backward(loss)  # Accelerate divides by grad_accum
             total += loss.detach().float().item() / self.cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
@@ -317,7 +342,9 @@ class TrainingLoop:
         """
         params = self._trainable()
         scaled = self.accelerator.scaler is not None
-        if self.cfg.max_grad_norm is not None:
+        if self.sharded:
+            grad_norm = clip_sharded_gradients(params, self.cfg.max_grad_norm)
+        elif self.cfg.max_grad_norm is not None:
             grad_norm = float(self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm))
         elif scaled:
             return None
@@ -329,8 +356,10 @@ class TrainingLoop:
         return grad_norm
 
     def _state_finite(self) -> bool:
-        """Trainable weights and optimizer state (moments) all finite: one fused max-abs reduction."""
-        return all_finite([*self._trainable(), *optimizer_tensors(self.optimizer)])
+        """Trainable weights and optimizer state (moments) all finite: one fused max-abs reduction
+        (FSDP: over this rank's rows, then and-ed over ranks)."""
+        finite = all_finite([local(t) for t in (*self._trainable(), *optimizer_tensors(self.optimizer))])
+        return all_ranks_true(finite, self.accelerator.device) if self.sharded else finite
 
     def _mean_over_ranks(self, value: float) -> float:
         if self.accelerator.num_processes == 1:
@@ -402,14 +431,17 @@ class TrainingLoop:
             self._diverged("trainable weights or optimizer state are non-finite", step=self.state.step)
         self.accelerator.wait_for_everyone()
         path = None
-        if self.accelerator.is_main_process:
-            model = unwrap_model(self.model)
-            with deferred_sigint("Ctrl-C: finishing the checkpoint write first.", deliver=not interrupted):
-                path = save_checkpoint(
-                    self.recipe.run_dir(), self.state, self.method, model, self.optimizer, self.scheduler,
-                    self.cfg.keep_last, self.regularizers,
-                )  # fmt: skip
-                self.saved_step = self.state.step  # before a held-back Ctrl-C is delivered
+        main = self.accelerator.is_main_process
+        with full_parameters(self.model, main, trainable_only=True) if self.sharded else nullcontext():
+            optimizer_state = full_optimizer_state(self.optimizer) if self.sharded else None  # collective
+            if main:
+                model = unwrap_model(self.model)
+                with deferred_sigint("Ctrl-C: finishing the checkpoint write first.", deliver=not interrupted):
+                    path = save_checkpoint(
+                        self.recipe.run_dir(), self.state, self.method, model, self.optimizer, self.scheduler,
+                        self.cfg.keep_last, self.regularizers, optimizer_state,
+                    )  # fmt: skip
+                    self.saved_step = self.state.step  # before a held-back Ctrl-C is delivered
         self.saved_step = self.state.step
         self.accelerator.wait_for_everyone()
         return path

@@ -4,6 +4,7 @@ The training engine calls, in order::
 
     method = MethodClass(options, ctx)
     model = method.prepare_model(model)              # freeze / wrap / re-initialise
+    method.on_sharded(model)                         # under FSDP only, once the parameters are sharded
     dataset = method.training_data(dataset)          # e.g. replay mixes preserve samples in
     optimizer = method.build_optimizer(model, training_cfg)
     for each micro-batch:
@@ -106,6 +107,11 @@ class Method:
     # -- set-up ---------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model
+
+    def on_sharded(self, model: nn.Module) -> None:
+        """After FSDP replaced ``model``'s parameters by row-sharded ones (before the optimizer is built):
+        re-point kept parameter references and shard kept full-size copies like their parameter."""
+        return None
 
     def training_data(self, dataset):
         """The data set the engine batches from (a ``datasets.Dataset`` of tokenized rows)."""

@@ -31,6 +31,7 @@ from .folora_basis import (
 )
 from .folora_layer import FoloraLinear, attach_disable_adapter, default_init_std, install, plain_linears
 from .folora_refresh import TaskWindow, in_window, mix_estimate
+from ..sharding import local
 from .gated_adam import GatedAdamW, unwrap_optimizer
 
 
@@ -232,7 +233,8 @@ class Folora(Method):
         t = transition(self.wrappers[names[0]].basis, basis.vectors, damped_preserve(c_p, self.options.damping))
         for name in names:
             w = self.wrappers[name]
-            w.lora_A_tilde.copy_(w.lora_A_tilde.double() @ t.to(w.lora_A_tilde.device))
+            a_tilde = local(w.lora_A_tilde)  # [r, K] (this rank's rows under FSDP): T acts on columns
+            a_tilde.copy_(a_tilde.double() @ t.to(a_tilde.device))
             optimizer.change_coordinates(w.lora_A_tilde, t)
             if w.basis.data_ptr() != self.wrappers[names[0]].basis.data_ptr() or name == names[0]:
                 w.basis.copy_(basis.vectors)  # the layers of one input share one tensor: copied once

@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import PPFTError
+from ..sharding import like
 from .adapter_export import save_lora_factors_as_peft
 from .base import PRESERVE_STATS, Method, MethodOptions
 from .fora_bases import RightProjector, compute_bases, input_projector
@@ -116,6 +117,10 @@ class Fora(Method):
             if keep_anchor:
                 self.anchors[name] = linear.weight.detach().clone()
         return model
+
+    def on_sharded(self, model: nn.Module) -> None:
+        """FSDP: the decay anchors ``W_0`` are split by rows like their (now sharded) weights."""
+        self.anchors = {n: like(w0, self.layers[n].base.weight) for n, w0 in self.anchors.items()}
 
     def _input_projector(self, name: str, shared: dict[str, RightProjector]) -> RightProjector | None:
         """``P_Q`` of the layer's input from its ``C_p``, made once per distinct input and shared by the

@@ -10,6 +10,10 @@ Training ``M`` in ``W = W_0 + P_U M P_Q`` with AdamW is exactly, on ``W``::
 
 so the only extra ``[m, n]`` tensors are Adam's two moments (plus ``W_0`` when ``wd > 0``).
 Parameters without a projector (e.g. the spectral channel's ``delta``) get plain AdamW.
+
+Under FSDP (``W`` a row-sharded ``DTensor``: this rank holds rows ``W_i`` [m_i, n]) every step runs on
+the local rows: ``X P_Q`` is row-local (``Q`` is replicated), while ``P_U X = X - U_1 (U_1^T X)``
+needs ``U_1^T X = sum_i U_1,i^T X_i`` [r_u, n], one all-reduce per projection (``U_1,i``: the same rows of ``U_1``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Iterable
 
 import torch
 
+from ..sharding import like, local, row_group
 from .fora_bases import RightProjector, orthonormal_complement, project_left
 
 
@@ -45,7 +50,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self._made: dict[int, RightProjector] = {}
         self.projectors = {p: (_as_projector(right, self._made), u1) for p, (right, u1) in (projectors or {}).items()}
-        self.anchors = anchors or {}
+        self.anchors = {p: like(w0, p) for p, w0 in (anchors or {}).items()}
+        self._row_blocks: dict[torch.Tensor, torch.Tensor] = {}
         for group in self.param_groups:
             if group["weight_decay"] > 0:
                 missing = [p for p in group["params"] if p in self.projectors and p not in self.anchors]
@@ -57,11 +63,25 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self.projectors[p] = (_as_projector(right, self._made), u1)
 
     def project(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``P_U x P_Q`` for a projected ``p``; ``x`` unchanged otherwise."""
+        """``P_U x P_Q`` for a projected ``p``; ``x`` unchanged otherwise. ``x``: ``p``'s local rows."""
         if p not in self.projectors:
             return x
         right, u1 = self.projectors[p]
-        return project_left(right(x), u1)
+        group = row_group(p)
+        if group is None or u1.shape[1] == 0:
+            return project_left(right(x), u1)
+        x = right(x)
+        rows = self._local_rows(p, u1).to(x.dtype)
+        inner = rows.T @ x  # [r_u, n]: this rank's part of U_1^T X
+        torch.distributed.all_reduce(inner, group=group)
+        return x - rows @ inner
+
+    def _local_rows(self, p: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
+        """The rows of ``U_1`` [m, r_u] that match ``p``'s local rows (split exactly as ``p`` is)."""
+        block = self._row_blocks.get(p)
+        if block is None:
+            block = self._row_blocks[p] = local(like(u1.to(p.dtype), p)).to(u1.dtype)
+        return block
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -87,9 +107,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
             t = float(state["step"])
-            grads.append(self.project(p, _wide(p.grad)).to(p.dtype))
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            grads.append(self.project(p, _wide(local(p.grad))).to(p.dtype))
+            exp_avgs.append(local(state["exp_avg"]))
+            exp_avg_sqs.append(local(state["exp_avg_sq"]))
             corrections.append((lr / (1 - beta1**t), math.sqrt(1 - beta2**t)))
             if decay:
                 self._decay(p, lr * decay)
@@ -101,14 +121,15 @@ class ProjectedAdamW(torch.optim.Optimizer):
         torch._foreach_add_(denoms, eps)
         for p, m, denom, (step_size, _) in zip(params, exp_avgs, denoms, corrections, strict=True):
             step = _wide(m) / _wide(denom) * step_size
-            p.sub_(self.project(p, step).to(p.dtype))
+            local(p).sub_(self.project(p, step).to(p.dtype))
 
     def _decay(self, p: torch.Tensor, amount: float) -> None:
         """``p <- p - amount P_U (p - W_0) P_Q`` if projected, else plain ``p <- (1 - amount) p``."""
         if p in self.projectors:
-            p.sub_((amount * self.project(p, _wide(p) - _wide(self.anchors[p]))).to(p.dtype))
+            w = local(p)
+            w.sub_((amount * self.project(p, _wide(w) - _wide(local(self.anchors[p])))).to(p.dtype))
         else:
-            p.mul_(1 - amount)
+            local(p).mul_(1 - amount)
 
 
 def _as_projector(right, made: dict[int, RightProjector]) -> RightProjector:

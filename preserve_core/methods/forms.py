@@ -21,6 +21,7 @@ from peft import LoraConfig, get_peft_model
 from pydantic import Field
 from torch import nn
 
+from ..sharding import differentiable_local, full, like, local, sum_over_shards
 from .base import Method, MethodOptions
 
 ADAPTER = "default"
@@ -93,6 +94,7 @@ class FormMethod(Method):
         self.form = getattr(options, "form", self.default_form)
         self.is_adapter = self.form == "lora"
         self.theta0: dict[str, torch.Tensor] = {}
+        self.row_sharded_deltas = False  # FSDP with form: full: weight_deltas() are this rank's rows
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         if self.form == "lora":
@@ -105,6 +107,13 @@ class FormMethod(Method):
         if self.keeps_theta0():
             self.track_weight_deltas()
         return model
+
+    def on_sharded(self, model: nn.Module) -> None:
+        """``form: full``: the trained parameters are now row-sharded; ``theta_0`` is split the same way."""
+        if self.form == "full":
+            self.row_sharded_deltas = True
+            self.trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            self.theta0 = {n: like(t0, self.trained[n]) for n, t0 in self.theta0.items()}
 
     def keeps_theta0(self) -> bool:
         """Whether ``form: full`` keeps a copy of the pretrained trained weights (one extra copy in memory)."""
@@ -120,15 +129,20 @@ class FormMethod(Method):
         return list(self.trained)
 
     def weight_deltas(self) -> dict[str, torch.Tensor]:
-        """``{base parameter name: theta - theta_0}`` with grad; for LoRA ``{"<module>.weight": s B A}``."""
+        """``{base parameter name: theta - theta_0}`` with grad; for LoRA ``{"<module>.weight": s B A}``.
+
+        Under FSDP (``row_sharded_deltas``): ``form: full`` gives this rank's rows of each delta (sum a
+        penalty over them with :func:`~preserve_core.sharding.sum_over_shards`); ``form: lora`` the whole
+        ``s B A`` on every rank.
+        """
         if self.form == "lora":
             return {f"{name}.weight": lora_delta(layer) for name, layer in self.lora_layers.items()}
-        return {n: p - self.theta0[n] for n, p in self.trained.items()}
+        return {n: differentiable_local(p) - local(self.theta0[n]) for n, p in self.trained.items()}
 
     def weight_delta_sq_norm(self) -> torch.Tensor:
         if self.form == "lora":
             return sum(lora_delta_sq_norm(layer) for layer in self.lora_layers.values())
-        return super().weight_delta_sq_norm()
+        return sum_over_shards(super().weight_delta_sq_norm(), self.row_sharded_deltas)
 
     def export(self, model: nn.Module, out_dir: Path, tokenizer, merge: bool) -> None:
         if self.form == "lora":
@@ -170,6 +184,10 @@ class FormWithRegularizer(FormMethod):
         self.regularizer.attach(model, self)
         return model
 
+    def on_sharded(self, model: nn.Module) -> None:
+        super().on_sharded(model)
+        self.regularizer.on_sharded(model, self)
+
     def training_data(self, dataset):
         return self.regularizer.training_data(dataset)
 
@@ -191,10 +209,11 @@ def lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
 def lora_delta(layer: nn.Module) -> torch.Tensor:
     """``dW = s B A``, shape ``[m, n]``."""
     a, b, s = lora_factors(layer)
-    return s * (b @ a)
+    return s * (full(b) @ full(a))
 
 
 def lora_delta_sq_norm(layer: nn.Module) -> torch.Tensor:
     """``||s B A||_F^2 = s^2 tr((B^T B)(A A^T))``: two ``r x r`` Gram matrices, no ``m x n`` product."""
     a, b, s = lora_factors(layer)
+    a, b = full(a), full(b)  # under FSDP: gathered, with autograd back to each rank's rows
     return s * s * ((b.T @ b) * (a @ a.T)).sum()

@@ -8,7 +8,8 @@ For a parameter ``p`` of shape ``[..., K]`` with a gate ``g`` of shape ``[K]`` (
 so column ``i`` moves ``g_i`` times as far as plain AdamW would move it (its decoupled weight decay too:
 a column with ``g_i = 0`` is frozen). The moments themselves are ungated. Parameters without a gate
 take exactly the AdamW step. The gate lives in the parameter's optimizer state (key ``gate``), so
-``state_dict`` / ``load_state_dict`` carry it and a resumed run continues exactly.
+``state_dict`` / ``load_state_dict`` carry it and a resumed run continues exactly. Under FSDP a
+parameter's rows are split over ranks; the gate acts on columns, so each rank updates its rows alone.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..sharding import local
 
 
 class GatedAdamW(torch.optim.Optimizer):
@@ -45,9 +48,10 @@ class GatedAdamW(torch.optim.Optimizer):
         state = self.state[param]
         if "exp_avg" not in state:
             return
-        t = t.to(device=param.device, dtype=torch.float64)
-        state["exp_avg"] = (state["exp_avg"].double() @ t).to(param.dtype)
-        state["exp_avg_sq"] = (state["exp_avg_sq"].double() @ (t * t)).to(param.dtype)
+        t = t.to(device=local(param).device, dtype=torch.float64)
+        for key, transform in (("exp_avg", t), ("exp_avg_sq", t * t)):
+            moment = local(state[key])
+            moment.copy_((moment.double() @ transform).to(param.dtype))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -70,17 +74,17 @@ class GatedAdamW(torch.optim.Optimizer):
         b1, b2 = group["betas"]
         state["step"] += 1
         t = float(state["step"])
-        grad, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
+        grad, m, v = local(p.grad), local(state["exp_avg"]), local(state["exp_avg_sq"])
         m.lerp_(grad, 1 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(group["eps"])
         update = (m / (1 - b1**t)).div_(denom)
         if group["weight_decay"]:
-            update.add_(p, alpha=group["weight_decay"])
+            update.add_(local(p), alpha=group["weight_decay"])
         gate = state.get("gate")
         if gate is not None:
             update.mul_(gate)
-        p.add_(update, alpha=-group["lr"])
+        local(p).add_(update, alpha=-group["lr"])
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:

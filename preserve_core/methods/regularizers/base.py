@@ -44,6 +44,10 @@ class Regularizer:
     def attach(self, model: nn.Module, method: Any) -> None:
         return None
 
+    def on_sharded(self, model: nn.Module, method: Any) -> None:
+        """After FSDP sharded the model: split kept full-size tensors like the parameters they pair with."""
+        return None
+
     def training_data(self, dataset):
         return dataset
 

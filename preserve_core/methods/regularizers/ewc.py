@@ -25,6 +25,7 @@ from torch import nn
 
 from ...errors import PPFTError
 from ...models import resolve_target_modules
+from ...sharding import like, local, sum_over_shards
 from ..base import PRESERVE_DATA
 from .base import Regularizer
 from ..regularizer_options import EwcRegularizerOptions
@@ -107,8 +108,13 @@ class EwcRegularizer(Regularizer):
 
     def penalty(self) -> torch.Tensor:
         """``(lambda/2) sum F dtheta^2`` (a scalar with grad)."""
-        total = sum((self.fisher[n] * d.float() ** 2).sum() for n, d in self.method.weight_deltas().items())
-        return 0.5 * self.options.strength * total
+        total = sum((local(self.fisher[n]) * d.float() ** 2).sum() for n, d in self.method.weight_deltas().items())
+        return 0.5 * self.options.strength * sum_over_shards(total, getattr(self.method, "row_sharded_deltas", False))
+
+    def on_sharded(self, model: nn.Module, method) -> None:
+        """Row-sharded deltas (``form: full`` under FSDP): ``F`` is split by rows like its parameter."""
+        if getattr(method, "row_sharded_deltas", False):
+            self.fisher = {n: like(f, method.trained[n]) for n, f in self.fisher.items()}
 
     def extra_loss(self, model: nn.Module, batch: dict, outputs) -> torch.Tensor | None:
         return self.penalty() if self.options.strength > 0 else None
