@@ -87,6 +87,8 @@ def check_fsdp_recipe(recipe, settings: FsdpSettings) -> None:
     why = UNSUPPORTED.get(method.name)
     if getattr(method, "regularizers", None):
         why = "method.regularizers is not supported sharded yet (the baselines l2sp, ewc, kl, replay are)"
+    if method.name in ("fora", "weightproj") and getattr(method, "refresh_every", 0):
+        why = "refresh_every (re-estimating Q during training) is untested sharded; set it to 0"
     if method.name == "kl" and method.reference == "frozen" and method.form == "full":
         why = "reference: frozen with form: full evaluates the base weights through functional_call; use reference: cached"
     if recipe.eval.every_n_steps and recipe.eval.preserve:
