@@ -305,3 +305,22 @@ def test_recipe_lab_ref_typos_fail_validation_with_the_key_and_a_suggestion(writ
     bad_model = runner.invoke(app, ["validate", str(write_recipe("m", model={"name_or_path": "lab:tinny"}))])
     assert bad_model.exit_code == 2 and "lab:tiny" in bad_model.output
     assert not lab_home.exists()  # validation builds nothing
+
+
+def test_wide_preset_doubles_the_width_only_and_validates_without_building(lab_home, write_recipe):
+    from preserve_core.lab import PRESETS
+
+    tiny, wide = PRESETS["tiny"], PRESETS["wide"]
+    assert (wide.hidden, wide.mlp, wide.layers) == (2 * tiny.hidden, 2 * tiny.mlp, tiny.layers)
+    assert wide.hidden // wide.heads == tiny.hidden // tiny.heads  # same head size
+    result = CliRunner().invoke(app, ["validate", str(write_recipe(model={"name_or_path": "lab:wide"}))])
+    assert result.exit_code == 0, result.output
+    assert not lab_home.exists() or not list(lab_home.glob("wide-*"))  # nothing was built
+
+
+@pytest.mark.slow
+def test_wide_lab_meets_its_targets():
+    """Every pretraining skill >= 0.95, every new task <= 0.05 (a ~15-minute build on 2 cores)."""
+    card = json.loads((build_lab("wide") / "card.json").read_text())
+    assert all(card["accuracy"][s] >= 0.95 for s in PRETRAIN_SKILLS), card["accuracy"]
+    assert all(card["accuracy"][s] <= 0.05 for s in NEW_SKILLS), card["accuracy"]
