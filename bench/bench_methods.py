@@ -101,6 +101,43 @@ def recipe_for(root: Path, model: Path, data: Path, label: str, section: dict, s
     return path
 
 
+def run_round(root: Path, model: Path, data: Path, sections: dict, args) -> dict:
+    """Every section once, one after another, each in its own process."""
+    results = {}
+    for label, section in sections.items():
+        path = recipe_for(root, model, data, label, section, args.steps, args.batch)
+        proc = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            results[label] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+            continue
+        results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(label, results[label], flush=True)
+    return results
+
+
+def combine_rounds(rounds: list[dict], sections: dict) -> dict:
+    """Per method: the median over rounds of its median step time (max peak RSS); its ratio to the
+    reference is the median over rounds of the ratio within a round (neighbours in time share the
+    machine's load, so interleaved rounds make ratios robust to a load that drifts)."""
+    results = {}
+    for label in sections:
+        runs = [r[label] for r in rounds]
+        if any("error" in run for run in runs):
+            results[label] = next(run for run in runs if "error" in run)
+            continue
+        results[label] = {
+            "step_seconds_median": statistics.median(run["step_seconds_median"] for run in runs),
+            "step_seconds_max": max(run["step_seconds_max"] for run in runs),
+            "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+            "rounds": len(runs),
+        }
+        ref = reference_for(sections[label])
+        if ref in sections and all("error" not in r[ref] for r in rounds):
+            ratios = [r[label]["step_seconds_median"] / r[ref]["step_seconds_median"] for r in rounds]
+            results[label].update(reference=ref, step_time_ratio=statistics.median(ratios), step_time_ratio_per_round=ratios)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/methods.json")
@@ -108,33 +145,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=1, help="Rounds over all methods, interleaved; medians over rounds")
     parser.add_argument("--only", help="Comma-separated labels to run (default: every method), e.g. lora,full,fora")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child)
-    results = {}
     sections = method_sections()
     if args.only:
         sections = {label: s for label, s in sections.items() if label in args.only.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, data = write_fixture(root, args.hidden, args.layers, rows=args.batch * args.steps)
-        for label, section in sections.items():
-            path = recipe_for(root, model, data, label, section, args.steps, args.batch)
-            proc = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True, cwd=REPO)
-            if proc.returncode != 0:
-                results[label] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-                continue
-            results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(label, results[label], flush=True)
-    for label, r in results.items():
-        if "error" in r:
-            continue
-        ref = reference_for(sections[label])
-        if ref in results and "error" not in results[ref]:
-            r["reference"] = ref
-            r["step_time_ratio"] = r["step_seconds_median"] / results[ref]["step_seconds_median"]
+        rounds = [run_round(root, model, data, sections, args) for _ in range(args.repeats)]
+    results = combine_rounds(rounds, sections)
     settings = {k: v for k, v in vars(args).items() if k != "child"}
     out = {"benchmark": "method_step_time", "settings": settings, "methods": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
