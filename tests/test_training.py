@@ -19,13 +19,18 @@ def run(path, *overrides, resume=False):
 
 
 def test_loss_decreases(write_recipe):
-    """A random tiny model with frozen random embeddings learns slowly; the drop must still be clear."""
-    for method, lr in (({"name": "full"}, 1e-2), ({"name": "lora", "r": 8, "alpha": 32}, 3e-2)):
+    """A random tiny model with frozen random embeddings learns slowly; the drop must still be clear.
+
+    LoRA's 40-step drop is ~0.08-0.11 depending on the thread count's float summation order (measured
+    with 1 and 2 threads), so it gets a smaller margin than full fine-tuning (~0.155); an untrained
+    adapter drops ~0."""
+    cases = (({"name": "full"}, 1e-2, 0.1), ({"name": "lora", "r": 8, "alpha": 32}, 3e-2, 0.05))
+    for method, lr, margin in cases:
         result = run(write_recipe(method["name"], method=method, training={"max_steps": 40, "lr": lr, "schedule": "constant"}))
         losses = [m["loss"] for m in result.metrics if "loss" in m]
         assert len(losses) == 40
         print(method["name"], sum(losses[:5]) / 5, sum(losses[-5:]) / 5)
-        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, (method, losses)
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - margin, (method, losses)
 
 
 def _final_weights(run_dir, method: str) -> dict[str, torch.Tensor]:
