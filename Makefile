@@ -36,6 +36,7 @@ bench: setup
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_methods.py
 	$(PY) bench/bench_calibration.py
+	$(PY) bench/bench_guards.py
 	$(PY) -c "import lm_eval" 2>/dev/null && $(PY) bench/bench_eval.py || echo "bench_eval skipped: pip install -e '.[lmeval]'"
 	$(PY) bench/summarize.py
 

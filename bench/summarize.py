@@ -86,10 +86,23 @@ def parallel_section(data: dict) -> list[str]:
     return lines
 
 
+def guards_section(data: dict) -> list[str]:
+    s = data["settings"]
+    return [
+        f"Full fine-tuning, hidden {s['hidden']}, {s['layers']} layers, batch {s['batch']}, {s['steps']} steps; "
+        f"each cost timed inside the same run as what it is compared with, best of {s['repeats']}:",
+        "",
+        "| finiteness guard / step | checksums / checkpoint save |",
+        "|---|---|",
+        f"| {data['guard_fraction_of_step']:.3f} | {data['checksum_fraction_of_save']:.2f} |",
+    ]
+
+
 SECTIONS = [
     ("Training throughput", "train.json", train_section, "python bench/bench_train.py"),
     ("Method step time and memory", "methods.json", methods_section, "python bench/bench_methods.py"),
     ("Calibration overhead", "calibration.json", calibration_section, "python bench/bench_calibration.py"),
+    ("Run-safety checks (docs/reliability.md)", "guards.json", guards_section, "python bench/bench_guards.py"),
     ("Evaluation vs lm-evaluation-harness", "eval.json", eval_section, "python bench/bench_eval.py (needs ppft[lmeval])"),
     ("Parallel bench cells and threads", "parallel.json", parallel_section, "python bench/bench_parallel.py"),
 ]

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad input (recipe, data, paths, over
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -90,6 +91,7 @@ def train(
         check_runtime(resolved)
         result = train_run(resolved, resume=resume, show_progress=progress, allow_changes=allow_changes)
         if result.interrupted:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the checkpoint is saved: another Ctrl-C must not break the exit
             raise typer.Exit(130)
         if is_main_process():
             err_console.print(f"[green]done[/]: {result.steps} steps, final loss {result.final_loss:.4f}; model in:")

@@ -378,7 +378,7 @@ class TrainingLoop:
         step = self.state.step + 1 if step is None else step
         good, _ = newest_intact(list_checkpoints(self.recipe.run_dir()))
         where = f"the last good checkpoint is {good}" if good else "no checkpoint was saved before it"
-        lower = f"{self.cfg.lr / 10:g}"
+        lower = f"{self.cfg.lr / 10:g}" if math.isfinite(self.cfg.lr) else "1e-4"
         again = f"--resume --allow-changes --set training.lr={lower}" if good else f"--set training.lr={lower}"
         raise TrainingDiverged(
             f"training diverged at step {step}: {what}; stopped without saving it ({where}). "

@@ -114,3 +114,26 @@ def test_unreadable_safetensors_error_names_the_file(write_recipe):
 class _NoMethod:
     def load_trainable_state(self, model, state):
         raise AssertionError("a damaged file must not reach the model")
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_resumable(write_recipe, monkeypatch):
+    """A checkpoint write that dies half-way (here: the disk fills) never replaces or hides the previous one."""
+    from preserve_core import checkpoint as checkpoint_module
+
+    original = checkpoint_module.write_checksums
+    calls = {"n": 0}
+
+    def disk_full_on_second(folder):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return original(folder)
+
+    monkeypatch.setattr(checkpoint_module, "write_checksums", disk_full_on_second)
+    path = write_recipe(training=TRAINING)
+    with pytest.raises(OSError):
+        run(path)
+    run_dir = load_recipe(path).run_dir()
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-000002"]
+    monkeypatch.setattr(checkpoint_module, "write_checksums", original)
+    assert run(path, resume=True).steps == 4

@@ -82,3 +82,19 @@ def test_non_finite_gradient_with_finite_loss_stops(write_recipe, monkeypatch):
             train(load_recipe(path), show_progress=False)
         assert "gradient norm became nan" in str(err.value) and "step 3" in str(err.value)
         assert [p.name for p in list_checkpoints(load_recipe(path).run_dir())] == ["checkpoint-000002"]
+
+
+@pytest.mark.parametrize(
+    "tensors, finite",
+    [
+        ([torch.tensor([3e38, 3e38])], True),  # the float32 sum overflows; every element is finite
+        ([torch.ones(3), torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)], False),
+        ([torch.tensor([float("inf"), -float("inf")])], False),  # sums to NaN
+        ([torch.zeros(2, 2), torch.tensor([-float("inf")])], False),
+        ([torch.tensor([2, 3]), torch.empty(0)], True),  # integer step counters and empty tensors are skipped
+    ],
+)
+def test_all_finite_known_answers(tensors, finite):
+    from preserve_core.guards import all_finite
+
+    assert all_finite(tensors) is finite

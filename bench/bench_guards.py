@@ -1,0 +1,121 @@
+"""What the run-safety checks cost: the per-step finiteness guard and checkpoint checksums.
+
+Full fine-tuning (every trainable weight has two Adam moments: the most state to check) of a
+random-init Llama. Each cost is timed inside the same run as what it is compared with, so a busy
+machine slows both alike:
+
+- the guard (weights and optimizer moments checked after each update) as a fraction of the step;
+- ``SHA256SUMS`` (fsync + sha256 of every file) as a fraction of the checkpoint save.
+
+Best (lowest) fraction of ``--repeats`` runs.
+
+    python bench/bench_guards.py --out bench/results/guards.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import build_char_tokenizer, build_tiny_llama, reverse_examples, write_jsonl  # noqa: E402
+
+
+def make_fixture(root: Path, hidden: int, layers: int, n_rows: int) -> tuple[Path, Path]:
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_llama(len(tokenizer), hidden=hidden, layers=layers)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root / "model", write_jsonl(root / "task.jsonl", reverse_examples(n_rows))
+
+
+def write_recipe(root: Path, model_dir: Path, data: Path, steps: int, batch: int) -> Path:
+    recipe = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": str(data), "max_length": 64},
+        "method": {"name": "full"},
+        "training": {"lr": 1e-4, "max_steps": steps, "batch_size": batch, "log_every": 1, "save_every": steps},
+        "output": {"dir": str(root / "run"), "overwrite": True},
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _timed(fn, into: list):
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        into.append(time.perf_counter() - start)
+        return out
+
+    return timed
+
+
+def timed_run(recipe_path: Path) -> dict:
+    """Seconds per step and in the guard; seconds per checkpoint save and in its checksums."""
+    from preserve_core import checkpoint, training
+    from preserve_core.recipe import load_recipe
+
+    times = {"step": [], "guard": [], "save": [], "checksums": []}
+    originals = (training.TrainingLoop.one_step, training.TrainingLoop._state_finite, training.save_checkpoint, checkpoint.write_checksums)
+    training.TrainingLoop.one_step = _timed(originals[0], times["step"])
+    training.TrainingLoop._state_finite = _timed(originals[1], times["guard"])
+    training.save_checkpoint = _timed(originals[2], times["save"])
+    checkpoint.write_checksums = _timed(originals[3], times["checksums"])
+    try:
+        training.train(load_recipe(recipe_path), show_progress=False)
+    finally:
+        training.TrainingLoop.one_step, training.TrainingLoop._state_finite = originals[0], originals[1]
+        training.save_checkpoint, checkpoint.write_checksums = originals[2], originals[3]
+    steps = len(times["step"])
+    guard_in_steps = sum(times["guard"][:steps])  # the last call is the pre-save check, outside any step
+    return {
+        "step_seconds": sum(times["step"]) / steps,
+        "guard_seconds_per_step": guard_in_steps / steps,
+        "guard_fraction_of_step": guard_in_steps / sum(times["step"]),
+        "save_seconds": sum(times["save"]),
+        "checksum_seconds": sum(times["checksums"]),
+        "checksum_fraction_of_save": sum(times["checksums"]) / sum(times["save"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/guards.json"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir, data = make_fixture(root, args.hidden, args.layers, n_rows=args.batch * args.steps)
+        recipe = write_recipe(root, model_dir, data, args.steps, args.batch)
+        for _ in range(args.repeats):
+            runs.append(timed_run(recipe))
+        checkpoint_bytes = sum(p.stat().st_size for p in (root / "run").glob("checkpoint-*/*") if p.is_file())
+    result = {
+        "benchmark": "run_safety_overhead_full_ft",
+        "settings": vars(args) | {"out": str(args.out), "torch_threads": torch.get_num_threads()},
+        "checkpoint_bytes": checkpoint_bytes,
+        "guard_fraction_of_step": min(r["guard_fraction_of_step"] for r in runs),
+        "checksum_fraction_of_save": min(r["checksum_fraction_of_save"] for r in runs),
+        "all_runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
