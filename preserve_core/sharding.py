@@ -27,14 +27,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .errors import RecipeError
 
-# method -> why it cannot run sharded (checked before anything loads); absent: supported
-UNSUPPORTED = {
-    "pissa": "its SVD initialisation is untested under FSDP",
-    "milora": "its SVD initialisation is untested under FSDP",
-    "corda_kpm": "its initialisation is untested under FSDP",
-}
-
-
 # accelerate's FSDP variable -> (values ppft refuses, what to do instead)
 REFUSED_ENV = {
     "FSDP_OFFLOAD_PARAMS": (("true",), "set fsdp_offload_params: false"),
@@ -84,7 +76,7 @@ def fsdp_settings(recipe) -> FsdpSettings | None:
 def check_fsdp_recipe(recipe, settings: FsdpSettings) -> None:
     """Refuse (exit 2) method/option combinations that do not run sharded yet."""
     method = recipe.method
-    why = UNSUPPORTED.get(method.name)
+    why = None
     if getattr(method, "regularizers", None):
         why = "method.regularizers is not supported sharded yet (the baselines l2sp, ewc, kl, replay are)"
     if method.name in ("fora", "weightproj") and getattr(method, "refresh_every", 0):
@@ -105,16 +97,19 @@ def check_fsdp_recipe(recipe, settings: FsdpSettings) -> None:
 def shard_model(model: nn.Module, device: torch.device, settings: FsdpSettings, mixed_precision: str) -> nn.Module:
     """``fully_shard`` every decoder layer, then the root (embeddings, final norm, head) over all ranks.
 
-    Under ``mixed_precision: bf16`` the trainable parameters are upcast to float32 master weights and
-    FSDP all-gathers them in bf16 (``MixedPrecisionPolicy``), reducing gradients in float32.
+    Under ``mixed_precision: bf16``, or with weights loaded in bf16/fp16, the trainable parameters are
+    upcast to float32 master weights (FSDP needs one dtype among a unit's trainable parameters, and
+    FORA's ``dW Q = 0`` does not survive bf16 rounding of ``W``: docs/results.md); FSDP gathers every
+    parameter in the compute dtype (bf16 or the load dtype) and reduces gradients in float32.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy()
-    if mixed_precision == "bf16":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    compute = compute_dtype(model, mixed_precision)
+    if compute is not None:
+        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
@@ -130,6 +125,14 @@ def shard_model(model: nn.Module, device: torch.device, settings: FsdpSettings, 
         fully_shard(block, **kwargs)
     fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     return model
+
+
+def compute_dtype(model: nn.Module, mixed_precision: str) -> torch.dtype | None:
+    """bf16 under ``mixed_precision: bf16``; else the low-precision dtype the weights were loaded in; None: float32."""
+    if mixed_precision == "bf16":
+        return torch.bfloat16
+    low = [p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype in (torch.bfloat16, torch.float16)]
+    return max(set(low), key=low.count) if low else None
 
 
 # ---------------------------------------------------------------------------------------------

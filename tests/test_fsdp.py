@@ -104,6 +104,9 @@ OTHERS = [
     {"name": "kl", "strength": 1.0, "form": "lora", "r": 4},
     {"name": "ewc", "strength": 1.0},
     {"name": "replay", "rho": 0.25},
+    {"name": "pissa", "r": 4},
+    {"name": "milora", "r": 4},
+    {"name": "corda_kpm", "r": 4},
 ]
 
 
@@ -128,6 +131,20 @@ def test_fsdp_methods_train_and_export(write_recipe, tmp_path, method):
     shapes = sorted(tuple(t.shape) for t in trainable.values())
     assert sorted(tuple(s["exp_avg"].shape) for s in state.values()) == shapes  # full, not per-rank, moments
     assert json.loads((run_dir / "manifest.json").read_text())["distributed"] == "fsdp"
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_weights_train_on_fp32_masters(write_recipe):
+    """bf16 weights: FORA's trained W (bf16) and its channel delta (fp32) cannot share an FSDP unit as they
+    are; sharded, every trainable parameter becomes a float32 master (gathered in bf16 for compute)."""
+    method = {"name": "fora", "form": "full", "spectral_size": 2}
+    training = {"max_steps": 2, "batch_size": 4, "distributed": {"strategy": "fsdp"}}
+    path = write_recipe(method=method, training=training, model={"dtype": "bfloat16"}, calibration=CALIBRATION)
+    proc = torchrun(path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    weights = final_weights(load_recipe(path).run_dir())
+    assert weights["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
+    assert weights["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16  # frozen: as loaded
 
 
 @pytest.mark.slow
@@ -181,19 +198,23 @@ def test_accelerate_fsdp1_config_is_refused(write_recipe, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("method", "sections", "expect"),
+    ("method", "retention", "expect"),
     [
-        ({"name": "pissa", "r": 4}, {}, "method pissa"),
-        ({"name": "kl", "reference": "frozen"}, {}, "reference: cached"),
-        ({"name": "fora", "regularizers": [{"name": "l2sp"}]}, {}, "method.regularizers"),
+        ({"name": "lora", "r": 4}, True, "eval.every_n_steps"),
+        ({"name": "kl", "reference": "frozen"}, False, "reference: cached"),
+        ({"name": "fora", "regularizers": [{"name": "l2sp"}]}, False, "method.regularizers"),
+        ({"name": "fora", "form": "full", "refresh_every": 2}, False, "refresh_every"),
     ],
 )
-def test_unsupported_fsdp_combinations_exit_2(write_recipe, method, sections, expect):
+def test_unsupported_fsdp_combinations_exit_2(write_recipe, tiny_task_file, method, retention, expect):
     from typer.testing import CliRunner
 
     from cli.main import app
 
-    training = {**sections.get("training", {}), "distributed": {"strategy": "fsdp"}}
-    result = CliRunner().invoke(app, ["train", str(write_recipe(method=method, training=training))])
+    sections = {"training": {"distributed": {"strategy": "fsdp"}}}
+    if retention:
+        task = {"name": "rev", "kind": "exact_match", "data": str(tiny_task_file)}
+        sections["eval"] = {"every_n_steps": 2, "preserve": [task]}
+    result = CliRunner().invoke(app, ["train", str(write_recipe(method=method, **sections))])
     assert result.exit_code == 2, result.output
     assert expect in result.output.replace("\n", "")
