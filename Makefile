@@ -34,6 +34,7 @@ bench: setup
 	$(VENV)/bin/ppft lab build --size tiny --no-progress
 	$(VENV)/bin/ppft bench recipes/lab_bench.yaml --jobs 2
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_packing.py
 	$(PY) bench/bench_methods.py
 	$(PY) bench/bench_calibration.py
 	$(PY) bench/bench_guards.py

@@ -31,6 +31,19 @@ def train_section(data: dict) -> list[str]:
     ]
 
 
+def packing_section(data: dict) -> list[str]:
+    s, t = data["settings"], data["tokens_per_s"]
+    return [
+        f"lora on a length mix ({s['lengths']}), hidden {s['hidden']}, {s['layers']} layers, batch {s['batch']}, "
+        f"{s['steps']} steps, best of {s['repeats']} interleaved repeats; tokens/s of real (non-padding) tokens:",
+        "",
+        "| HF Trainer | HF Trainer, group_by_length | ppft padded | ppft packed | packed / HF | packed / HF grouped | target |",
+        "|---|---|---|---|---|---|---|",
+        f"| {t['hf_trainer']:.0f} | {t['hf_trainer_group_by_length']:.0f} | {t['ppft_padded']:.0f} | {t['ppft_packed']:.0f} "
+        f"| {data['ratio_ppft_packed_over_hf_trainer']:.2f} | {data['ratio_ppft_packed_over_hf_group_by_length']:.2f} | >= 1.2 |",
+    ]
+
+
 def methods_section(data: dict) -> list[str]:
     s = data["settings"]
     lines = [
@@ -100,6 +113,7 @@ def guards_section(data: dict) -> list[str]:
 
 SECTIONS = [
     ("Training throughput", "train.json", train_section, "python bench/bench_train.py"),
+    ("Training throughput on a length mix (data.packing)", "packing.json", packing_section, "python bench/bench_packing.py"),
     ("Method step time and memory", "methods.json", methods_section, "python bench/bench_methods.py"),
     ("Calibration overhead", "calibration.json", calibration_section, "python bench/bench_calibration.py"),
     ("Run-safety checks (docs/reliability.md)", "guards.json", guards_section, "python bench/bench_guards.py"),

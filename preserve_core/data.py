@@ -189,6 +189,71 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def pack(features: list[dict], pad_token_id: int, width: int) -> dict[str, torch.Tensor]:
+    """The examples laid end to end in rows of at most ``width`` tokens (first-fit, longest first).
+
+    Returns ``input_ids``, ``labels`` and ``position_ids`` of shape [R, T], R <= len(features), T the
+    longest row. Position ids restart at 0 for every example (and for a row's padded tail); with no
+    ``attention_mask``, transformers reads the restarts as example boundaries and attends block-
+    diagonally (causal within an example, nothing across). The first label of every example is
+    ignored: it would be the target of the previous example's last token; unpacked, no position
+    predicts it either, so the loss is over the same tokens as :func:`collate`'s.
+    """
+    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in order:
+        n = len(features[i]["input_ids"])
+        slot = next((r for r, u in enumerate(used) if u + n <= width), None)
+        if slot is None:
+            rows.append([])
+            used.append(0)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        used[slot] += n
+    T = max(used)
+    input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, members in enumerate(rows):
+        start = 0
+        for i in members:
+            ids, lab = features[i]["input_ids"], features[i]["labels"]
+            input_ids[r, start : start + len(ids)] = torch.tensor(ids)
+            labels[r, start + 1 : start + len(ids)] = torch.tensor(lab[1:], dtype=torch.long)
+            position_ids[r, start : start + len(ids)] = torch.arange(len(ids))
+            start += len(ids)
+        position_ids[r, start:] = torch.arange(T - start)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+@torch.no_grad()
+def check_packing_support(model, vocab_size: int) -> None:
+    """Refuse ``data.packing`` for a model whose attention does not separate packed examples.
+
+    Two short random sequences, packed in one row, must give the logits each gives alone.
+    """
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(4, vocab_size, (1, n), generator=g) for n in (6, 4))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        alone = torch.cat([model(input_ids=x.to(device), use_cache=False).logits for x in (a, b)], dim=1)
+        positions = torch.cat([torch.arange(6), torch.arange(4)])[None].to(device)
+        packed = model(input_ids=torch.cat([a, b], dim=1).to(device), position_ids=positions, use_cache=False).logits
+    except TypeError as e:
+        raise RecipeError(f"data.packing: this model does not take position ids ({e}); set data.packing: false") from None
+    finally:
+        model.train(was_training)
+    scale = float(alone.abs().max()) + 1.0
+    if not torch.allclose(packed.float(), alone.float(), rtol=0.0, atol=0.02 * scale):
+        raise RecipeError(
+            "data.packing: this model's attention does not keep packed examples apart (position-id restarts are "
+            "not read as boundaries by its attention implementation); set data.packing: false"
+        )
+
+
 def build_train_dataset(recipe, tokenizer):
     from .models import context_length
 

@@ -97,6 +97,12 @@ class DataConfig(StrictModel):
     )
     max_examples: int | None = Field(None, gt=0, description="Use only the first N examples.")
     append_eos: bool = Field(True, description="Append the EOS token so the model learns to stop.")
+    packing: bool = Field(
+        False,
+        description="Lay each micro-batch's examples end to end in rows of max_length tokens instead of padding "
+        "every row to the longest: position ids restart per example and no token attends across examples "
+        "(same examples, same loss; fewer padded tokens).",
+    )
 
 
 class DistributedConfig(StrictModel):

@@ -22,7 +22,7 @@ from torch.nn.utils import get_total_norm
 
 from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .checkpoint_integrity import newest_intact
-from .data import build_eval_dataset, build_train_dataset, collate, data_fingerprint
+from .data import build_eval_dataset, build_train_dataset, check_packing_support, collate, data_fingerprint, pack
 from .errors import PPFTError, RecipeError, TrainingDiverged
 from .guards import all_finite, deferred_sigint, optimizer_tensors
 from .methods import METHODS, MethodContext
@@ -70,12 +70,19 @@ def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int, rank:
 
 
 class BatchStream:
-    """An endless stream of collated batches that knows its (epoch, position) for checkpoints."""
+    """An endless stream of collated batches that knows its (epoch, position) for checkpoints.
 
-    def __init__(self, dataset, batch_size: int, seed: int, pad_id: int, rank: int, world: int, state: TrainState):
+    ``pack_width``: lay each batch's examples end to end in rows of that many tokens
+    (:func:`~preserve_core.data.pack`) instead of padding them; which examples form a batch, and so
+    resume, does not change. ``last_tokens``: the real (non-padding) tokens of the last batch.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, pad_id: int, rank: int, world: int, state: TrainState,
+                 pack_width: int | None = None):  # fmt: skip
         self.dataset, self.batch_size, self.seed, self.pad_id = dataset, batch_size, seed, pad_id
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.pack_width = rank, world, pack_width
         self.epoch, self.position = state.epoch, state.position
+        self.last_tokens = 0
         self._batches = self._epoch(self.epoch)
 
     def _epoch(self, epoch: int) -> list[list[int]]:
@@ -90,7 +97,11 @@ class BatchStream:
             self._batches = self._epoch(self.epoch)
         indices = self._batches[self.position]
         self.position += 1
-        return collate([self.dataset[i] for i in indices], self.pad_id)
+        features = [self.dataset[i] for i in indices]
+        self.last_tokens = sum(len(f["input_ids"]) for f in features)
+        if self.pack_width:
+            return pack(features, self.pad_id, max(self.pack_width, max(len(f["input_ids"]) for f in features)))
+        return collate(features, self.pad_id)
 
 
 def build_scheduler(optimizer, training):
@@ -263,7 +274,10 @@ class TrainingLoop:
         self.method, self.tokenizer, self.eval_set, self.log, self.state = method, tokenizer, eval_set, log, state
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rank, world = accelerator.process_index, accelerator.num_processes
-        self.stream = BatchStream(dataset, self.cfg.batch_size, self.cfg.seed, pad, rank, world, state)
+        pack_width = recipe.data.max_length if recipe.data.packing else None
+        if pack_width:
+            check_packing_support(unwrap_model(model), len(tokenizer))
+        self.stream = BatchStream(dataset, self.cfg.batch_size, self.cfg.seed, pad, rank, world, state, pack_width)
         self.pad_id = pad
         self.metrics: list[dict] = []
         self.saved_step = state.step if state.step else None  # a resumed run's checkpoint exists already
@@ -299,14 +313,14 @@ class TrainingLoop:
         for micro in range(self.cfg.grad_accum):
             batch = {k: v.to(self.accelerator.device) for k, v in self.stream.next().items()}
             with self.accelerator.accumulate(self.model), self.accelerator.autocast():
-                outputs = self.model(**batch)
+                outputs = self.model(**batch, use_cache=False)  # no cache: packed rows are read from position ids
                 loss = outputs.loss
                 extra = self.extra_loss(batch, outputs)
                 if extra is not None:
                     loss = loss + full(extra)
                 self.accelerator.backward(loss)  # Accelerate divides by grad_accum
             total += loss.detach().float().item() / self.cfg.grad_accum
-            tokens += int(batch["attention_mask"].sum())
+            tokens += self.stream.last_tokens
         total = self._mean_over_ranks(total)
         if not math.isfinite(total):
             self._diverged(f"the loss became {total}")
