@@ -19,15 +19,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import _StepTimer  # noqa: E402
 from conftest import build_char_tokenizer, write_jsonl  # noqa: E402
 
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -69,13 +70,39 @@ def run_ppft(model_dir: Path, data: Path, root: Path, args, packing: bool) -> di
         "training": {"lr": 1e-3, "max_steps": args.steps, "batch_size": args.batch, "log_every": 1, "max_grad_norm": 1.0},
         "output": {"dir": str(root / "ppft-run"), "overwrite": True},
     }))  # fmt: skip
-    result = train(load_recipe(recipe_path), show_progress=False)
+    from unittest import mock
+
+    with mock.patch("preserve_core.training.time", SimpleNamespace(perf_counter=CLOCKS[args.clock])):
+        result = train(load_recipe(recipe_path), show_progress=False)  # step_seconds on the chosen clock
     logged = [m for m in result.metrics if "tokens_per_s" in m]
     cumulative = [m["tokens"] for m in logged]
     step_tokens = [b - a for a, b in zip([0, *cumulative[:-1]], cumulative, strict=True)]
     skip = args.steps // 5
     seconds = sum(t / m["tokens_per_s"] for t, m in zip(step_tokens[skip:], logged[skip:], strict=True))
     return {"tokens_per_s": sum(step_tokens[skip:]) / seconds}
+
+
+class StepTimer:
+    """A Trainer callback recording when each optimizer step ends, on ``clock``.
+
+    A step's time is the gap between consecutive step ends, so, as in ppft's ``step_seconds``, it
+    includes fetching and collating the step's batch (the Trainer fetches it before ``on_step_begin``).
+    """
+
+    def __init__(self, clock):
+        from transformers import TrainerCallback
+
+        ends = self.ends = []
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                ends.append(clock())
+
+        self.callback = Callback()
+
+    def step_times(self) -> list[float]:
+        """Seconds of steps 1..n-1 (step 0 has no previous end)."""
+        return [b - a for a, b in zip(self.ends[:-1], self.ends[1:], strict=False)]
 
 
 def run_hf_trainer(model_dir: Path, data: Path, root: Path, args, strategy: str) -> dict:
@@ -95,7 +122,7 @@ def run_hf_trainer(model_dir: Path, data: Path, root: Path, args, strategy: str)
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, max_grad_norm=1.0, seed=0,
         train_sampling_strategy=strategy,
     )  # fmt: skip
-    timer, counts = _StepTimer(), []
+    timer, counts = StepTimer(CLOCKS[args.clock]), []
 
     def collator(features):  # pad to the batch's longest row, as DataCollatorForSeq2Seq does
         batch = collate(features, tokenizer.pad_token_id)
@@ -119,6 +146,7 @@ def main() -> None:
     parser.add_argument("--lo", type=int, default=16)
     parser.add_argument("--hi", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--clock", choices=list(CLOCKS), default="cpu")
     args = parser.parse_args()
     variants = {
         "hf_trainer": lambda m, d, r: run_hf_trainer(m, d, r, args, "random"),

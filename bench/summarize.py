@@ -35,7 +35,8 @@ def packing_section(data: dict) -> list[str]:
     s, t = data["settings"], data["tokens_per_s"]
     return [
         f"lora on a length mix ({s['lengths']}), hidden {s['hidden']}, {s['layers']} layers, batch {s['batch']}, "
-        f"{s['steps']} steps, best of {s['repeats']} interleaved repeats; tokens/s of real (non-padding) tokens:",
+        f"{s['steps']} steps, best of {s['repeats']} interleaved repeats, {s.get('clock', 'wall')} clock, "
+        f"{s['torch_threads']} thread(s); tokens/s of real (non-padding) tokens:",
         "",
         "| HF Trainer | HF Trainer, group_by_length | ppft padded | ppft packed | packed / HF | packed / HF grouped | target |",
         "|---|---|---|---|---|---|---|",

@@ -99,9 +99,9 @@ class DataConfig(StrictModel):
     append_eos: bool = Field(True, description="Append the EOS token so the model learns to stop.")
     packing: bool = Field(
         False,
-        description="Lay each micro-batch's examples end to end in rows of max_length tokens instead of padding "
-        "every row to the longest: position ids restart per example and no token attends across examples "
-        "(same examples, same loss; fewer padded tokens).",
+        description="Lay each micro-batch's examples end to end in rows no longer than its longest example, "
+        "instead of padding every row to it: position ids restart per example and no token attends across "
+        "examples (same examples, same loss; fewer rows, less padding).",
     )
 
 

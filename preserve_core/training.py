@@ -72,15 +72,16 @@ def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int, rank:
 class BatchStream:
     """An endless stream of collated batches that knows its (epoch, position) for checkpoints.
 
-    ``pack_width``: lay each batch's examples end to end in rows of that many tokens
-    (:func:`~preserve_core.data.pack`) instead of padding them; which examples form a batch, and so
-    resume, does not change. ``last_tokens``: the real (non-padding) tokens of the last batch.
+    ``packing``: lay each batch's examples end to end in rows no longer than its longest example
+    (:func:`~preserve_core.data.pack`) instead of padding every row to it: never more rows, never
+    longer ones. Which examples form a batch, and so resume, does not change. ``last_tokens``: the
+    real (non-padding) tokens of the last batch.
     """
 
     def __init__(self, dataset, batch_size: int, seed: int, pad_id: int, rank: int, world: int, state: TrainState,
-                 pack_width: int | None = None):  # fmt: skip
+                 packing: bool = False):  # fmt: skip
         self.dataset, self.batch_size, self.seed, self.pad_id = dataset, batch_size, seed, pad_id
-        self.rank, self.world, self.pack_width = rank, world, pack_width
+        self.rank, self.world, self.packing = rank, world, packing
         self.epoch, self.position = state.epoch, state.position
         self.last_tokens = 0
         self._batches = self._epoch(self.epoch)
@@ -99,8 +100,8 @@ class BatchStream:
         self.position += 1
         features = [self.dataset[i] for i in indices]
         self.last_tokens = sum(len(f["input_ids"]) for f in features)
-        if self.pack_width:
-            return pack(features, self.pad_id, max(self.pack_width, max(len(f["input_ids"]) for f in features)))
+        if self.packing:
+            return pack(features, self.pad_id, width=max(len(f["input_ids"]) for f in features))
         return collate(features, self.pad_id)
 
 
@@ -274,10 +275,9 @@ class TrainingLoop:
         self.method, self.tokenizer, self.eval_set, self.log, self.state = method, tokenizer, eval_set, log, state
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rank, world = accelerator.process_index, accelerator.num_processes
-        pack_width = recipe.data.max_length if recipe.data.packing else None
-        if pack_width:
+        if recipe.data.packing:
             check_packing_support(unwrap_model(model), len(tokenizer))
-        self.stream = BatchStream(dataset, self.cfg.batch_size, self.cfg.seed, pad, rank, world, state, pack_width)
+        self.stream = BatchStream(dataset, self.cfg.batch_size, self.cfg.seed, pad, rank, world, state, recipe.data.packing)
         self.pad_id = pad
         self.metrics: list[dict] = []
         self.saved_step = state.step if state.step else None  # a resumed run's checkpoint exists already
