@@ -19,10 +19,13 @@ def test_demo_script_calibrates_trains_evaluates_and_compares():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = REPO / "runs" / "demo"
     rows = {r["method"]: r for r in json.loads((out / "comparison.json").read_text())["rows"]}
-    assert set(rows) == {"full", "fora", "fora_full", "folora", "kl"}
-    assert all(rows[m]["new_task"]["score"] >= 0.8 for m in rows), {m: r["new_task"] for m, r in rows.items()}
-    # protection is real: the protected runs keep more of the old skills than plain full fine-tuning
-    assert rows["fora_full"]["preserve_mean"]["score"] > rows["full"]["preserve_mean"]["score"] + 0.2
+    assert set(rows) == {"full", "kl", "fora_paper", "folora_paper", "fora_kl"}
+    learned = {m: rows[m]["new_task"]["score"] for m in ("full", "kl", "fora_kl")}  # the papers' settings may not
+    assert all(score >= 0.8 for score in learned.values()), learned
+    # protection is real: the protected runs keep more of the old skills than plain full fine-tuning,
+    # and the winning composition keeps most of them (ablations.md: ~95% at 200 steps)
+    assert rows["fora_kl"]["preserve_mean"]["score"] > rows["full"]["preserve_mean"]["score"] + 0.5
+    assert rows["fora_kl"]["preserve_mean"]["score"] >= 0.85
     assert rows["kl"]["preserve_mean"]["score"] > rows["full"]["preserve_mean"]["score"] + 0.2
     assert (out / "learning_vs_forgetting.png").stat().st_size > 1000
     for method in rows:
