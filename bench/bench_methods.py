@@ -37,15 +37,17 @@ def method_sections() -> dict[str, dict]:
             if key in fields:
                 section[key] = 8
         sections[name] = section
+    spec = {"u_energy": 0.5, "spectral_size": 8}  # FORA's U_1 and channel as measured in docs/results.md
     for name in ("fora", "weightproj"):
         if name in sections:
-            sections[f"{name}_full"] = {"name": name, "form": "full"}
+            sections[name].update(spec)
+            sections[f"{name}_full"] = {"name": name, "form": "full", **spec}
     if "fora" in sections:  # the full form without the spectral channel's per-token path
         sections["fora_full_s0"] = {"name": "fora", "form": "full", "spectral_size": 0}
     if "fora" in sections:  # composition: the cost of a regulariser on top of FORA
-        sections["fora_full_kl"] = {"name": "fora", "form": "full", "regularizers": [{"name": "kl"}]}
-        sections["fora_full_replay"] = {"name": "fora", "form": "full", "regularizers": [{"name": "replay", "rho": 0.1}]}
-        sections["fora_lora_kl"] = {"name": "fora", "r": 8, "regularizers": [{"name": "kl"}]}
+        sections["fora_full_kl"] = {"name": "fora", "form": "full", **spec, "regularizers": [{"name": "kl"}]}
+        sections["fora_full_replay"] = {"name": "fora", "form": "full", **spec, "regularizers": [{"name": "replay", "rho": 0.1}]}
+        sections["fora_lora_kl"] = {"name": "fora", "r": 8, **spec, "regularizers": [{"name": "kl"}]}
     if "folora" in sections:  # one refresh every 10 steps: its cost shows in step_seconds_max
         sections["folora_refresh"] = {"name": "folora", "r": 8, "refresh_every": 10, "refresh_window": 4}
     return sections

@@ -44,7 +44,7 @@ def run(path, resume=False):
 
 
 def fora_recipe(write_recipe, calibration_settings, name, method, **training):
-    method = {"name": "fora", "energy": 0.9, "u_rank": 4, "spectral_size": 2, **method}
+    method = {"name": "fora", "energy": 0.9, "max_rank": 0.5, "u_rank": 4, "spectral_size": 2, **method}
     common = {"max_steps": 6, "lr": 2e-2, "schedule": "constant", **training}
     return write_recipe(name, method=method, training=common, calibration=calibration_settings)
 

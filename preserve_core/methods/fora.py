@@ -47,17 +47,25 @@ class ForaOptions(MethodOptions):
         description="Q from the top eigenvectors of C_p (activation) or the top right singular vectors of W (weight).",
     )
     energy: float = Field(
-        0.95, ge=0, le=1, description="Q: the fewest leading directions holding this fraction of the eigenvalue sum."
-    )
+        0.99, ge=0, le=1,
+        description="Q: the fewest leading directions holding this fraction of the eigenvalue sum. The spec: 0.95; "
+        "0.99 by the lab's evidence (docs/methods/ablations.md).",
+    )  # fmt: skip
     rank: int | None = Field(None, ge=0, description="Explicit size k of Q; overrides energy and max_rank.")
-    max_rank: float = Field(0.5, gt=0, description="Cap on k: a fraction of n if < 1, else a count. Ours: 0.5.")
+    max_rank: float = Field(
+        0.9, gt=0, description="Cap on k: a fraction of n if < 1, else a count. Ours: 0.9 (was 0.5; see ablations.md)."
+    )
     u_energy: float = Field(
-        0.5, ge=0, le=1, description="U_1: the fewest top left singular vectors holding this fraction of sum(S^2)."
+        0.0, ge=0, le=1,
+        description="U_1: the fewest top left singular vectors holding this fraction of sum(S^2). The spec's "
+        "interpretation: 0.5; 0 (no output projector) by the lab's evidence.",
     )
     u_rank: int | None = Field(None, ge=0, description="Explicit r_u; overrides u_energy/u_max_rank. 0 disables P_U.")
     u_max_rank: float = Field(0.25, gt=0, description="Cap on r_u: a fraction of m if < 1, else a count. Ours: 0.25.")
     spectral_size: int = Field(
-        8, ge=0, description="s: trainable singular-value shifts delta on s triplets of W (0 disables the channel)."
+        0, ge=0,
+        description="s: trainable singular-value shifts delta on s triplets of W (0 disables the channel). "
+        "The spec's interpretation: 8; 0 by the lab's evidence.",
     )
     spectral_which: Literal["top", "tail"] = Field("top", description="Which triplets carry the channel: top or tail.")
     refresh_every: int = Field(
