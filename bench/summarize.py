@@ -112,10 +112,24 @@ def guards_section(data: dict) -> list[str]:
     ]
 
 
+def regularizers_section(data: dict) -> list[str]:
+    s = data["settings"]
+    return [
+        f"method {s['method']} with regularizers {s['regularizers']} vs without, A/B-interleaved steps in one process "
+        f"(hidden {s['hidden']}, batch {s['batch']}, {s['steps']} steps each, load average {s['loadavg'][0]:.1f}):",
+        "",
+        "| step without (s) | step with (s) | ratio of medians | median of paired ratios |",
+        "|---|---|---|---|",
+        f"| {data['without_seconds_median']:.3f} | {data['with_seconds_median']:.3f} | {data['ratio_with_over_without']:.2f} "
+        f"| {data['ratio_of_pairs_median']:.2f} |",
+    ]
+
+
 SECTIONS = [
     ("Training throughput", "train.json", train_section, "python bench/bench_train.py"),
     ("Training throughput on a length mix (data.packing)", "packing.json", packing_section, "python bench/bench_packing.py"),
     ("Method step time and memory", "methods.json", methods_section, "python bench/bench_methods.py"),
+    ("Regulariser cost on top of a method", "regularizers.json", regularizers_section, "python bench/bench_regularizers.py"),
     ("Calibration overhead", "calibration.json", calibration_section, "python bench/bench_calibration.py"),
     ("Run-safety checks (docs/reliability.md)", "guards.json", guards_section, "python bench/bench_guards.py"),
     ("Evaluation vs lm-evaluation-harness", "eval.json", eval_section, "python bench/bench_eval.py (needs ppft[lmeval])"),

@@ -9,7 +9,7 @@ from cli.common import DebugOpt, JsonOpt, console, emit_json, guarded, human_con
 
 lab_app = typer.Typer(help="The skills lab: a tiny pretrained model with exactly measurable skills.", no_args_is_help=True)
 
-SizeOpt = typer.Option("tiny", "--size", help="Lab preset: tiny (CPU, minutes), wide (CPU, hidden 256, <= 15 min), small (GPU), micro (tests).")
+SizeOpt = typer.Option("tiny", "--size", help="Lab preset: tiny (CPU, minutes), wide (CPU, hidden 256), small (GPU), micro (tests).")
 SeedOpt = typer.Option(0, "--seed", help="Seed of the model initialisation and pretraining stream.")
 
 
