@@ -93,6 +93,17 @@ class Calibration:
     def cov_by_key(self, which: str, key: str) -> torch.Tensor:
         return self._matrix(which, key)
 
+    def lower_triangle(self, which: str, key: str, dtype: torch.dtype = torch.float64, device="cpu") -> torch.Tensor:
+        """``C`` as [n, n] ``dtype`` on ``device`` with only its lower triangle (diagonal included) filled,
+        the rest 0: what ``torch.linalg.eigh`` reads, one [n, n] matrix and no symmetric copy."""
+        from .stats import upper_mask
+
+        packed = self._packed(which, key)
+        n = int(self.manifest["keys"][key]["dim"])
+        out = torch.zeros(n, n, dtype=dtype, device=device)
+        out.T[upper_mask(n, device)] = packed.to(device=device, dtype=dtype)
+        return out
+
     def token_counts(self) -> dict[str, int]:
         """``{"preserve": N_p, "task": N_t}``: tokens each statistic averages over."""
         return dict(self.manifest["counts"]["tokens"])
@@ -109,6 +120,9 @@ class Calibration:
         """The full symmetric [n, n] float32 matrix, unpacked from its stored upper triangle."""
         from .stats import unpack_symmetric
 
+        return unpack_symmetric(self._packed(which, key), int(self.manifest["keys"][key]["dim"]))
+
+    def _packed(self, which: str, key: str) -> torch.Tensor:
         if which not in self.stats():
             symbol = {"preserve": "C_p", "task": "C_t"}[which]
             raise PPFTError(
@@ -116,7 +130,7 @@ class Calibration:
                 "does not read them. `ppft train` adds them on reuse; or run `ppft calibrate <recipe>` for this method."
             )
         with safe_open(str(self.dir / STATS_FILES[which]), framework="pt", device="cpu") as f:
-            return unpack_symmetric(f.get_tensor(key), int(self.manifest["keys"][key]["dim"]))
+            return f.get_tensor(key)
 
 
 def read_manifest(directory: Path) -> dict | None:
