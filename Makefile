@@ -36,8 +36,10 @@ bench: setup
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_packing.py
 	$(PY) bench/bench_methods.py
-	$(PY) bench/bench_calibration.py
 	$(PY) bench/bench_guards.py
+	$(PY) bench/bench_calibration.py --real
+	$(PY) bench/bench_memory.py --layers 1 --out bench/results/memory.json
+	$(PY) bench/bench_memory.py --layers 2 --methods lora fora_u0_s0 --append --out bench/results/memory.json
 	$(PY) -c "import lm_eval" 2>/dev/null && $(PY) bench/bench_eval.py || echo "bench_eval skipped: pip install -e '.[lmeval]'"
 	$(PY) bench/summarize.py
 

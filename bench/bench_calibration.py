@@ -30,6 +30,7 @@ CONFIGS = {
     "h256-L4-v32k": (256, 688, 4, 4, 4, 32000),
     "h256-L4-v1k": (256, 688, 4, 4, 4, 1024),
 }
+REAL_SHAPES = {"qwen3-1.7b-L1": ("qwen3-1.7b", 1)}  # bench/realshape.py: real widths, lab vocabulary
 
 
 def build(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int):
@@ -74,7 +75,7 @@ def paired(ours, baseline, rounds: int) -> dict:
     }
 
 
-def bench_stats(model, seqs: int, length: int, batch: int, rounds: int) -> dict:
+def bench_stats(model, seqs: int, length: int, batch: int, rounds: int, blocks: int | None = None) -> dict:
     from preserve_core.calibration.stats import accumulate_input_stats
     from preserve_core.models import resolve_target_modules
 
@@ -87,7 +88,15 @@ def bench_stats(model, seqs: int, length: int, batch: int, rounds: int) -> dict:
     targets = resolve_target_modules(model, None)
 
     def ours():
-        accumulate_input_stats(model, targets, batches, positions="all")
+        from preserve_core.calibration import stats
+
+        default = stats.MAX_GRAM_BLOCKS
+        if blocks is not None:  # the same block count for every width
+            stats.MAX_GRAM_BLOCKS, stats.GRAM_BLOCK_ROWS = blocks, 1
+        try:
+            accumulate_input_stats(model, targets, batches, positions="all")
+        finally:
+            stats.MAX_GRAM_BLOCKS, stats.GRAM_BLOCK_ROWS = default, 512
 
     def baseline():
         with torch.no_grad():
@@ -140,6 +149,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="sequences per forward")
     parser.add_argument("--samples", type=int, default=16, help="samples (one generate batch)")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--real", action="store_true", help="also the real-width configs (REAL_SHAPES); slow on a CPU")
+    parser.add_argument("--real-rounds", type=int, default=3)
+    parser.add_argument("--real-seqs", type=int, default=8, help="sequences for the statistics at real width")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default); 1 is steadier on a shared box")
     args = parser.parse_args()
     if args.threads:
@@ -154,9 +166,29 @@ def main() -> None:
             "sampling": bench_sampling(model, tokenizer, args.samples, args.new_tokens, args.rounds),
         }
         print_row(name, results["configs"][name])
+    if args.real:
+        results["real_widths"] = bench_real(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
+
+
+def bench_real(args) -> dict:
+    """Statistics vs forward at real widths (1 layer), with the adaptive Gram blocks and with 4 and 1."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from realshape import make
+
+    out = {}
+    for name, (shape, layers) in REAL_SHAPES.items():
+        model, _ = make(shape, layers)
+        out[name] = {"shape": shape, "layers": layers}
+        for label, blocks in (("adaptive", None), ("blocks4", 4), ("blocks1", 1)):
+            r = bench_stats(model, args.real_seqs, args.length, args.batch // 2, args.real_rounds, blocks)
+            r["target"], r["meets_target"] = "ratio <= 1.1 (issue 15)", r["ratio_median"] <= 1.1
+            out[name][label] = r
+            print(f"{name} statistics ({label}): {r['ratio_median']:.2f}x a no-grad forward ({r['tokens']} tokens)", flush=True)
+        del model
+    return out
 
 
 def print_row(name: str, r: dict) -> None:

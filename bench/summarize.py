@@ -67,6 +67,36 @@ def calibration_section(data: dict) -> list[str]:
     lines = ["| model | statistics vs plain forward (time ratio, target <= 1.25) | sampling vs bare generate (throughput ratio, target >= 0.8) |", "|---|---|---|"]
     for name, c in data["configs"].items():
         lines.append(f"| {name} | {c['stats']['ratio_median']:.2f} | {c['sampling']['throughput_ratio']:.2f} |")
+    for name, c in data.get("real_widths", {}).items():
+        ratios = ", ".join(f"{label} {c[label]['ratio_median']:.2f}" for label in ("adaptive", "blocks4", "blocks1") if label in c)
+        lines.append(f"| {name} (real widths; Gram row blocks: {ratios}; target <= 1.1) | | - |")
+    return lines
+
+
+MEMORY_KEYS = {
+    "calibration_disk": "calibration on disk",
+    "calibrate_peak": "calibrate peak (net of lora's)",
+    "setup_held": "set-up: bases held",
+    "setup_peak": "set-up peak",
+    "checkpoint_disk": "checkpoint on disk",
+}
+
+
+def memory_section(data: dict) -> list[str]:
+    """Measured vs predicted (bench/memory_model.py), MiB, per shape, depth and method."""
+    lines = ["| shape | layers | method | quantity | measured (MiB) | predicted (MiB) | ratio | within 15% |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in data["runs"]:
+        for key, label in MEMORY_KEYS.items():
+            c = run["comparison"].get(key)
+            if c is None or c["measured"] is None or not c["predicted"]:
+                continue
+            lines.append(f"| {run['shape']} | {run['layers']} | {run['method']} | {label} | {c['measured'] / 2**20:.1f} | "
+                         f"{c['predicted'] / 2**20:.1f} | {c['ratio']:.2f} | {'yes' if c['within_15pct'] else 'no'} |")
+        m = run["measured"]
+        if "setup_cpu_seconds" in m:
+            lines.append(f"| {run['shape']} | {run['layers']} | {run['method']} | set-up CPU time (s) | "
+                         f"{m['setup_cpu_seconds']:.0f} | | | |")
     return lines
 
 
@@ -132,6 +162,7 @@ SECTIONS = [
     ("Regulariser cost on top of a method", "regularizers.json", regularizers_section, "python bench/bench_regularizers.py"),
     ("Calibration overhead", "calibration.json", calibration_section, "python bench/bench_calibration.py"),
     ("Run-safety checks (docs/reliability.md)", "guards.json", guards_section, "python bench/bench_guards.py"),
+    ("Memory and disk at real widths", "memory.json", memory_section, "python bench/bench_memory.py"),
     ("Evaluation vs lm-evaluation-harness", "eval.json", eval_section, "python bench/bench_eval.py (needs ppft[lmeval])"),
     ("Parallel bench cells and threads", "parallel.json", parallel_section, "python bench/bench_parallel.py"),
 ]

@@ -1,0 +1,270 @@
+"""Memory and disk of calibration, set-up and checkpoints at real widths, 1-2 layers, against the memory model.
+
+For each shape (``--shapes``), depth (``--layers``) and method (fora LoRA form, folora, lora), one fresh
+subprocess: load the random-init model (bench/realshape.py), run ``ensure_calibration`` (peak RSS over
+the phase, bytes on disk), the method's set-up (peak RSS, bytes of the tensors it holds), one training
+step and a checkpoint (bytes on disk). Peak RSS is sampled every 2 ms by a thread; "peak" is the phase's
+maximum minus the RSS when the phase started. Each number sits beside the prediction of
+bench/memory_model.py; ``within_15pct`` says whether they agree.
+
+    python bench/bench_memory.py --out bench/results/memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import memory_model as mm  # noqa: E402
+from realshape import SHAPES, build  # noqa: E402
+
+METHODS = {
+    "fora": {"name": "fora", "form": "lora", "r": 8, "alpha": 16},
+    "fora_u0_s0": {"name": "fora", "form": "lora", "r": 8, "alpha": 16, "u_rank": 0, "spectral_size": 0},
+    "folora": {"name": "folora", "r": 8, "alpha": 16},
+    "lora": {"name": "lora", "r": 8, "alpha": 16},
+}
+PRESERVE_TEXTS, LENGTH, STATS_BATCH = 32, 256, 8
+
+
+class RssPeak:
+    """Samples this process's resident set size (bytes) on a thread; ``phase()`` returns (start, peak)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._run = interval, 0, True
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _loop(self) -> None:
+        while self._run:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def measure(self, fn):
+        """``(result, rss_at_start, peak_over_start)`` of ``fn()``."""
+        start = self.rss()
+        self.peak = start
+        result = fn()
+        time.sleep(5 * self.interval)
+        return result, start, max(self.peak, self.rss()) - start
+
+
+def held_bytes(model, kinds: tuple[type, ...]) -> int:
+    """Bytes of distinct tensors (by storage) the wrappers of ``kinds`` hold as buffers."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, kinds):
+            for _, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and buffer.untyped_storage().data_ptr() not in seen:
+                    seen.add(buffer.untyped_storage().data_ptr())
+                    total += buffer.untyped_storage().nbytes()
+    return total
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def write_recipe(work: Path, model_dir: Path, method: dict) -> Path:
+    import yaml
+
+    from preserve_core.lab import resolve_data_ref
+
+    work.mkdir(parents=True, exist_ok=True)
+    preserve = work / "preserve.jsonl"
+    rng = random.Random(0)  # random characters: high-rank activations, so k reaches realistic sizes
+    texts = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789=:") for _ in range(LENGTH)) for _ in range(PRESERVE_TEXTS)]
+    preserve.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    recipe = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": resolve_data_ref("lab:shift"), "max_length": LENGTH},
+        "method": method,
+        "training": {"lr": 1e-4, "max_steps": 1, "batch_size": 4},
+        "calibration": {"preserve_source": "dataset", "preserve_data": str(preserve), "num_samples": PRESERVE_TEXTS,
+                        "stats_batch_size": STATS_BATCH, "max_task_examples": 64, "dir": str(work / "calibration")},
+        "output": {"dir": str(work / "run")},
+    }  # fmt: skip
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def forward_peak(sampler: RssPeak, model, length: int = LENGTH, batch: int = STATS_BATCH) -> int:
+    """Peak RSS of one no-grad forward over a statistics batch: the activations any forward needs."""
+    import torch
+
+    ids = torch.randint(4, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)  # warm-up: allocator and kernel caches
+        return sampler.measure(lambda: model(input_ids=ids, use_cache=False))[2]
+
+
+def worker(model_dir: Path, method_key: str, out: Path, calibration_only: bool = False) -> None:
+    """One measurement in this (fresh) process; writes a JSON dict to ``out``."""
+    import torch
+
+    from preserve_core.calibration import ensure_calibration, stats_needed
+    from preserve_core.checkpoint import TrainState, save_checkpoint
+    from preserve_core.methods import METHODS as REGISTRY
+    from preserve_core.methods.fora_layer import ForaLinear
+    from preserve_core.methods.folora_layer import FoloraLinear
+    from preserve_core.models import load_model, load_tokenizer
+    from preserve_core.recipe import load_recipe
+    from preserve_core.training import build_scheduler, make_accelerator, setup_method
+
+    torch.set_num_threads(1)
+    sampler = RssPeak()
+    work = out.parent / f"work-{method_key}"
+    recipe = load_recipe(write_recipe(work, model_dir, METHODS[method_key]))
+    tokenizer, model = load_tokenizer(recipe.model), load_model(recipe.model, "cpu").eval()
+    method_cls = REGISTRY[recipe.method.name]
+    result = {"stats": stats_needed(method_cls, recipe.method), "forward_peak": forward_peak(sampler, model)}
+    start, cpu = time.perf_counter(), time.process_time()
+    cal, _, result["calibrate_peak"] = sampler.measure(lambda: ensure_calibration(recipe, model, tokenizer, method_cls))
+    result["calibrate_seconds"], result["calibrate_cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
+    result["calibration_disk"] = sum((cal.dir / f).stat().st_size for f in ("preserve_stats.safetensors", "task_stats.safetensors")
+                                     if (cal.dir / f).exists())  # fmt: skip
+    if calibration_only:
+        out.write_text(json.dumps(result))
+        return
+    accelerator = make_accelerator(recipe)
+    start, cpu = time.perf_counter(), time.process_time()
+    (method, model), _, result["setup_peak"] = sampler.measure(lambda: setup_method(recipe, model, tokenizer, accelerator))
+    result["setup_seconds"], result["setup_cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
+    result["setup_held"] = held_bytes(model, (ForaLinear, FoloraLinear))
+    result.update(describe_bases(method))
+    optimizer = method.build_optimizer(model, recipe.training)
+    scheduler = build_scheduler(optimizer, recipe.training)
+    ids = torch.randint(4, model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    checkpoint = save_checkpoint(work / "run", TrainState(step=1), method, model, optimizer, scheduler, keep_last=1)
+    result["checkpoint_disk"] = folder_bytes(checkpoint)
+    result["checkpoint_files"] = {p.name: p.stat().st_size for p in checkpoint.iterdir()}
+    out.write_text(json.dumps(result))
+
+
+def describe_bases(method) -> dict:
+    """FORA: k per distinct input and r_u / s per target (what the memory model needs)."""
+    layers = getattr(method, "layers", None)
+    if not layers:
+        return {}
+    ks, r_u, s = {}, {}, 0
+    for name, layer in layers.items():
+        ks[method.ctx.calibration.input_key(name)] = [layer.projector.rank, layer.right.shape[0]]
+        r_u[name] = layer.u1.shape[1]
+        s = layer.u_c.shape[1]
+    return {"ks": ks, "r_u": r_u, "s": s}
+
+
+def predict(shape_name: str, layers: int, method_key: str, measured: dict) -> dict:
+    shape = SHAPES[shape_name]
+    n_stats = len(measured["stats"])
+    p = {"calibration_disk": mm.calibration_disk(shape, layers, n_stats)}
+    if n_stats and "forward_peak" in measured:  # the forward's own activations: measured, not modelled
+        p["calibrate_peak"] = mm.calibration_peak(shape, layers, n_stats) + measured["forward_peak"]
+    if method_key.startswith("fora"):
+        ks = _per_input_ks(shape, layers, measured["ks"])
+        short = {name.rsplit(".", 1)[-1]: r for name, r in measured["r_u"].items()}
+        p["setup_held"] = sum(mm.fora_held(shape, 1, k, short, measured["s"]) for k in ks)
+        p["setup_peak"] = p["setup_held"] + mm.fora_transient(shape)
+        p["checkpoint_disk"] = mm.adapter_with_adam(shape, layers, 8, extra_rows=measured["s"])
+    elif method_key == "folora":
+        p["setup_held"] = mm.folora_held(shape, layers)
+        p["setup_peak"] = p["setup_held"] + mm.folora_transient(shape)
+        p["checkpoint_disk"] = mm.adapter_with_adam(shape, layers, 8)
+    else:
+        p["checkpoint_disk"] = mm.adapter_with_adam(shape, layers, 8)
+    return p
+
+
+def _per_input_ks(shape, layers: int, ks: dict) -> list[list[int]]:
+    """The measured k of each distinct input, grouped per layer in :meth:`Shape.input_widths` order."""
+    values = [k for k, _ in ks.values()]
+    per = len(shape.input_widths())
+    return [values[i * per : (i + 1) * per] for i in range(layers)]
+
+
+def compare(predicted: dict, measured: dict) -> dict:
+    rows = {}
+    for key, value in predicted.items():
+        got = measured.get(key)
+        ratio = got / value if value else None
+        rows[key] = {"predicted": value, "measured": got, "ratio": ratio,
+                     "within_15pct": ratio is not None and abs(ratio - 1) <= 0.15}  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "memory.json")
+    parser.add_argument("--shapes", nargs="+", default=["qwen3-1.7b"])
+    parser.add_argument("--layers", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--append", action="store_true", help="add the runs to those already in --out")
+    parser.add_argument("--calibration-only", action="store_true", help="measure calibration only (no set-up)")
+    parser.add_argument("--recompute", action="store_true", help="redo the comparisons in --out from its measurements")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # MODEL_DIR METHOD OUT [CAL_ONLY]
+    args = parser.parse_args()
+    if args.worker:
+        worker(Path(args.worker[0]), args.worker[1], Path(args.worker[2]), args.worker[3:] == ["1"])
+        return
+    if args.recompute:
+        data = json.loads(args.out.read_text())
+        for row in data["runs"]:
+            row["comparison"] = compare(predict(row["shape"], row["layers"], row["method"], row["measured"]), row["measured"])
+        args.out.write_text(json.dumps(data, indent=2))
+        return
+    import torch
+
+    results = {"machine": {"platform": platform.platform(), "torch": torch.__version__},
+               "settings": {k: v for k, v in vars(args).items() if k != "worker"} | {"out": str(args.out)},
+               "runs": []}  # fmt: skip
+    if args.append and args.out.exists():
+        results["runs"] = json.loads(args.out.read_text())["runs"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for shape_name in args.shapes:
+        for layers in args.layers:
+            with tempfile.TemporaryDirectory(prefix="ppft-mem-") as tmp:
+                model_dir = build(shape_name, layers, Path(tmp) / "model")
+                for key in args.methods:
+                    out = Path(tmp) / f"{key}.json"
+                    flag = "1" if args.calibration_only else "0"
+                    subprocess.run([sys.executable, __file__, "--worker", str(model_dir), key, str(out), flag], env=env, check=True)
+                    measured = json.loads(out.read_text())
+                    row = {"shape": shape_name, "layers": layers, "method": key, "measured": measured,
+                           "calibration_only": args.calibration_only,
+                           "comparison": compare(predict(shape_name, layers, key, measured), measured)}  # fmt: skip
+                    results["runs"].append(row)
+                    print_row(row)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+def print_row(row: dict) -> None:
+    cells = [f"{k} {v['measured'] / 2**20:.1f}/{v['predicted'] / 2**20:.1f} MiB" for k, v in row["comparison"].items()
+             if v["measured"] is not None]  # fmt: skip
+    print(f"{row['shape']} L{row['layers']} {row['method']}: " + "; ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
