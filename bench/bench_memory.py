@@ -115,6 +115,20 @@ def forward_peak(sampler: RssPeak, model, length: int = LENGTH, batch: int = STA
         return sampler.measure(lambda: model(input_ids=ids, use_cache=False))[2]
 
 
+def stats_peak(sampler: RssPeak, model, tokenizer, recipe) -> int:
+    """Peak of accumulating one statistic (C_p over the preserve texts): what sits on the device."""
+    from preserve_core.calibration.batches import encode_preserve_text, preserve_batches
+    from preserve_core.calibration.pipeline import dataset_texts
+    from preserve_core.calibration.stats import accumulate_input_stats
+    from preserve_core.models import resolve_target_modules
+
+    texts = dataset_texts(recipe.calibration.preserve_data, PRESERVE_TEXTS)
+    sequences = [encode_preserve_text(tokenizer, t, LENGTH) for t in texts]
+    batches = preserve_batches(sequences, tokenizer, LENGTH, STATS_BATCH)
+    targets = resolve_target_modules(model, None)
+    return sampler.measure(lambda: accumulate_input_stats(model, targets, batches, "all"))[2]
+
+
 def worker(model_dir: Path, method_key: str, out: Path, calibration_only: bool = False) -> None:
     """One measurement in this (fresh) process; writes a JSON dict to ``out``."""
     import torch
@@ -135,6 +149,8 @@ def worker(model_dir: Path, method_key: str, out: Path, calibration_only: bool =
     tokenizer, model = load_tokenizer(recipe.model), load_model(recipe.model, "cpu").eval()
     method_cls = REGISTRY[recipe.method.name]
     result = {"stats": stats_needed(method_cls, recipe.method), "forward_peak": forward_peak(sampler, model)}
+    if result["stats"]:
+        result["stats_peak"] = stats_peak(sampler, model, tokenizer, recipe)
     start, cpu = time.perf_counter(), time.process_time()
     cal, _, result["calibrate_peak"] = sampler.measure(lambda: ensure_calibration(recipe, model, tokenizer, method_cls))
     result["calibrate_seconds"], result["calibrate_cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
@@ -178,8 +194,8 @@ def predict(shape_name: str, layers: int, method_key: str, measured: dict) -> di
     shape = SHAPES[shape_name]
     n_stats = len(measured["stats"])
     p = {"calibration_disk": mm.calibration_disk(shape, layers, n_stats)}
-    if n_stats and "forward_peak" in measured:  # the forward's own activations: measured, not modelled
-        p["calibrate_peak"] = mm.calibration_peak(shape, layers, n_stats) + measured["forward_peak"]
+    if n_stats and "stats_peak" in measured:  # the forward's own activations: measured, not modelled
+        p["stats_peak"] = mm.calibration_peak(shape, layers, 1) + measured["forward_peak"]
     if method_key.startswith("fora"):
         ks = _per_input_ks(shape, layers, measured["ks"])
         short = {name.rsplit(".", 1)[-1]: r for name, r in measured["r_u"].items()}
@@ -254,8 +270,8 @@ def main() -> None:
                            "comparison": compare(predict(shape_name, layers, key, measured), measured)}  # fmt: skip
                     results["runs"].append(row)
                     print_row(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps(results, indent=2))  # after every run: partial results survive
     print(f"wrote {args.out}")
 
 

@@ -75,7 +75,7 @@ def calibration_section(data: dict) -> list[str]:
 
 MEMORY_KEYS = {
     "calibration_disk": "calibration on disk",
-    "calibrate_peak": "calibrate peak (net of lora's)",
+    "stats_peak": "accumulating C_p: peak",
     "setup_held": "set-up: bases held",
     "setup_peak": "set-up peak",
     "checkpoint_disk": "checkpoint on disk",

@@ -309,8 +309,8 @@ def test_only_the_statistics_a_method_reads_are_stored_and_missing_ones_added(wr
     q = "model.layers.0.self_attn.q_proj"
     stored = load_file(cal.dir / "preserve_stats.safetensors")[cal.input_key(q)]
     assert stored.shape == (32 * 33 // 2,)  # the upper triangle only
-    lower = cal.lower_triangle("preserve", cal.input_key(q), torch.float64)
-    assert lower.dtype == torch.float64 and torch.equal(lower, torch.tril(cal.preserve_cov(q)).double())
+    upper = cal.upper_triangle("preserve", cal.input_key(q), torch.float64)
+    assert upper.dtype == torch.float64 and torch.equal(upper, torch.triu(cal.preserve_cov(q)).double())
     with pytest.raises(PPFTError, match="no task statistics"):
         cal.task_cov(q)
     assert cal.token_counts().keys() == {"preserve"}

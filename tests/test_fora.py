@@ -333,7 +333,7 @@ def test_input_projector_keeps_the_smaller_side_and_equals_the_float64_projectio
     values = [10.0, 8.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.25]  # distinct: the top-k span is unique
     cov, e = _cov_with_spectrum(values, 3)
     options = SimpleNamespace(energy=0.95, rank=rank, max_rank=1.0)
-    projector = input_projector(torch.tril(cov).to(solver), options)  # only the lower triangle is read
+    projector = input_projector(torch.triu(cov).to(solver), options)  # only the upper triangle is read
     assert projector.complement is complement and projector.rank == rank
     assert projector.vectors.shape == (10, min(rank, 10 - rank)) and projector.vectors.dtype == torch.float32
     x = torch.randn(6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -359,7 +359,7 @@ def _fora_on_tiny(tiny_model_dir, options: dict, covs: dict[str, torch.Tensor] |
     dims = {layout.module_to_key[n]: model.get_submodule(n).in_features for n in targets}
     covs = covs or {k: _cov_with_spectrum([float(n - i) for i in range(n)], 7)[0].float() for k, n in dims.items()}
     calibration = SimpleNamespace(input_key=layout.module_to_key.__getitem__,
-                                  lower_triangle=lambda which, key, dtype, device: torch.tril(covs[key]).to(dtype))  # fmt: skip
+                                  upper_triangle=lambda which, key, dtype, device: torch.triu(covs[key]).to(dtype))  # fmt: skip
     recipe = SimpleNamespace(training=SimpleNamespace(weight_decay=0.0))
     ctx = SimpleNamespace(recipe=recipe, target_modules=targets, device=torch.device("cpu"), calibration=calibration)
     method = Fora(ForaOptions(**options), ctx)

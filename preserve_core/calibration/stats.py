@@ -159,8 +159,10 @@ def upper_mask(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 def pack_upper(matrix: torch.Tensor) -> torch.Tensor:
-    """The upper triangle (diagonal included) of ``matrix`` [n, n], row by row: [n (n + 1) / 2]."""
-    return matrix[upper_mask(matrix.shape[0], matrix.device)]
+    """The upper triangle (diagonal included) of ``matrix`` [n, n], row by row: [n (n + 1) / 2].
+
+    Row slices concatenated: no index tensor (boolean indexing would build one of 8 n^2 bytes)."""
+    return torch.cat([matrix[i, i:] for i in range(matrix.shape[0])])
 
 
 def unpack_symmetric(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -170,7 +172,7 @@ def unpack_symmetric(packed: torch.Tensor, n: int) -> torch.Tensor:
     if packed.numel() != n * (n + 1) // 2:
         raise ValueError(f"a packed triangle of width {n} has {n * (n + 1) // 2} entries, not {packed.numel()}")
     out = torch.zeros(n, n, dtype=packed.dtype, device=packed.device)
-    out[upper_mask(n, packed.device)] = packed
+    out.masked_scatter_(upper_mask(n, packed.device), packed)  # in place, row-major: the packing order
     return out.add_(torch.triu(out, 1).T)
 
 

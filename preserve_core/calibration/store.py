@@ -93,16 +93,15 @@ class Calibration:
     def cov_by_key(self, which: str, key: str) -> torch.Tensor:
         return self._matrix(which, key)
 
-    def lower_triangle(self, which: str, key: str, dtype: torch.dtype = torch.float64, device="cpu") -> torch.Tensor:
-        """``C`` as [n, n] ``dtype`` on ``device`` with only its lower triangle (diagonal included) filled,
-        the rest 0: what ``torch.linalg.eigh`` reads, one [n, n] matrix and no symmetric copy."""
+    def upper_triangle(self, which: str, key: str, dtype: torch.dtype = torch.float64, device="cpu") -> torch.Tensor:
+        """``C`` as [n, n] ``dtype`` on ``device`` with only its upper triangle (diagonal included) filled,
+        the rest 0: what ``torch.linalg.eigh(..., UPLO="U")`` reads; one [n, n] matrix, no symmetric copy."""
         from .stats import upper_mask
 
         packed = self._packed(which, key)
         n = int(self.manifest["keys"][key]["dim"])
         out = torch.zeros(n, n, dtype=dtype, device=device)
-        out.T[upper_mask(n, device)] = packed.to(device=device, dtype=dtype)
-        return out
+        return out.masked_scatter_(upper_mask(n, device), packed.to(device=device, dtype=dtype))
 
     def token_counts(self) -> dict[str, int]:
         """``{"preserve": N_p, "task": N_t}``: tokens each statistic averages over."""

@@ -146,8 +146,8 @@ class Fora(Method):
         key = calibration.input_key(name)
         if key not in shared:
             dtype = torch.float64 if self.options.solver_dtype == "float64" else torch.float32
-            lower = calibration.lower_triangle("preserve", key, dtype, self.ctx.device)
-            shared[key] = input_projector(lower, self.options)
+            upper = calibration.upper_triangle("preserve", key, dtype, self.ctx.device)
+            shared[key] = input_projector(upper, self.options)
         return shared[key]
 
     def build_optimizer(self, model: nn.Module, training) -> torch.optim.Optimizer:

@@ -110,14 +110,14 @@ def select_rank(values: torch.Tensor, energy: float, rank: int | None, max_rank:
 
 
 def input_projector(cov: torch.Tensor, options) -> RightProjector:
-    """``P_Q`` of one layer input from its ``C_p`` [n, n] (only the lower triangle is read): ``Q`` = the
+    """``P_Q`` of one layer input from its ``C_p`` [n, n] (only the upper triangle is read): ``Q`` = the
     top ``k`` eigenvectors (``k`` by ``options.energy`` / ``rank`` / ``max_rank``, eigenvalues clamped at
     0), or the trailing ``n - k`` when fewer. The eigensolver runs in ``cov``'s dtype (float64 or float32)
     on its device; only the kept float32 columns survive (transient: the matrix, the eigenvectors and
     LAPACK's workspace, about four [n, n] matrices: 1.2 GB at n = 6144 in float64)."""
     if cov.dtype not in (torch.float32, torch.float64):
         cov = cov.double()
-    values, vectors = torch.linalg.eigh(cov)
+    values, vectors = torch.linalg.eigh(cov, UPLO="U")
     values = values.double().flip(0).clamp_min(0)
     k = select_rank(values, options.energy, options.rank, options.max_rank)
     del values
