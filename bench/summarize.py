@@ -68,7 +68,7 @@ def calibration_section(data: dict) -> list[str]:
     for name, c in data["configs"].items():
         lines.append(f"| {name} | {c['stats']['ratio_median']:.2f} | {c['sampling']['throughput_ratio']:.2f} |")
     for name, c in data.get("real_widths", {}).items():
-        ratios = ", ".join(f"{label} {c[label]['ratio_median']:.2f}" for label in ("adaptive", "blocks4", "blocks1") if label in c)
+        ratios = ", ".join(f"{label} {c[label]['ratio_median']:.2f}" for label in ("adaptive", "blocks4") if label in c)
         lines.append(f"| {name} (real widths; Gram row blocks: {ratios}; target <= 1.1) | | - |")
     return lines
 
