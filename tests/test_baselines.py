@@ -34,7 +34,12 @@ def fake_calibration(model: nn.Module, extras: dict | None = None):
         width = model.get_submodule(name).in_features
         return random_cov(width, width)
 
-    return SimpleNamespace(preserve_texts=PRESERVE_TEXTS, extra=lambda key: extras[key], preserve_cov=preserve_cov)
+    def upper_triangle(which: str, key: str, dtype=torch.float64, device="cpu") -> torch.Tensor:
+        """What FORA reads (its layers' keys are their names here): C_p's upper triangle."""
+        return torch.triu(preserve_cov(key)).to(device=device, dtype=dtype)
+
+    return SimpleNamespace(preserve_texts=PRESERVE_TEXTS, extra=lambda key: extras[key], preserve_cov=preserve_cov,
+                           upper_triangle=upper_triangle)  # fmt: skip
 
 
 def make_method(path, extras: dict | None = None):
