@@ -33,6 +33,7 @@ def _mc_task(tmp_path, rows) -> EvalTask:
         ({"prompt": "q", "choices": ["a"], "answer": -1}, "0 <= answer"),
         ({"choices": ["a", "b"], "answer": 0}, "['prompt']"),  # the prompt column is required
         ({"prompt": "q", "choices": ["a", "b"]}, "['answer']"),
+        ({"prompt": "q", "answer": 0}, "['choices']"),
     ],
 )
 def test_multiple_choice_rows_are_checked(tmp_path, row, words):
