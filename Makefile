@@ -43,7 +43,7 @@ bench: setup
 	$(PY) -c "import lm_eval" 2>/dev/null && $(PY) bench/bench_eval.py || echo "bench_eval skipped: pip install -e '.[lmeval]'"
 	$(PY) bench/summarize.py
 
-# Mutation testing of the numerical core (not in CI: hours on 2 cores). Results: mutants/, docs/mutation.md.
+# Mutation testing of the numerical core (not in CI: hours on 2 cores). Results: mutants/, summarised in docs/reliability.md.
 # MUTANTS="preserve_core.report*" limits the run to matching mutant names; MUTATION_JOBS sets workers.
 mutation: setup
 	$(PY) -m pip install -q -e ".[dev,lmeval,mutation]"
