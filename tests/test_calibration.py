@@ -458,3 +458,28 @@ def test_two_processes_match_one(write_recipe, tmp_path):
 
 def test_method_registry_untouched():
     assert "extra_lora" not in METHODS
+
+
+def test_thin_inputs_by_hand():
+    """4 tokens per dimension is the bar: 127 tokens for width 32 is thin, 128 is not."""
+    from preserve_core.calibration.pipeline import thin_inputs
+
+    counts = {"a": 127, "b": 128, "c": 10}
+    dims = {"a": 32, "b": 32, "c": 2}
+    assert thin_inputs(counts, dims) == {"a": (127, 32)}
+    assert thin_inputs(counts, dims, factor=6) == {"a": (127, 32), "b": (128, 32), "c": (10, 2)}
+
+
+def test_thin_calibration_warns_once_with_the_worst_input(write_recipe, model_and_tokenizer, capsys):
+    """8 samples of <= 10 tokens (< 90 tokens) cannot measure a width-32 input (needs 128), nor the
+    width-64 MLP input: one warning, naming the worst (the widest) input; 64 samples of 40 tokens do."""
+    model, tokenizer = model_and_tokenizer
+    cal = run_calibration(load_recipe(write_recipe("thin", calibration=FAST)), model, tokenizer, PreserveOnly)
+    err = capsys.readouterr().err
+    assert err.count("tokens per dimension") == 1, err
+    tokens = {k: n["preserve"] for k, n in cal.manifest["counts"]["per_key"].items()}
+    worst = min(tokens, key=lambda k: tokens[k] / cal.manifest["keys"][k]["dim"])
+    assert cal.manifest["keys"][worst]["dim"] == 64 and worst in err.replace("\n", "")
+    deep = {**FAST, "num_samples": 64, "max_new_tokens": 40, "min_new_tokens": 30}
+    run_calibration(load_recipe(write_recipe("deep", calibration=deep)), model, tokenizer, PreserveOnly)
+    assert "tokens per dimension" not in capsys.readouterr().err

@@ -15,6 +15,7 @@ from ..data import load_rows
 from ..errors import PPFTError, RecipeError
 from ..locks import exclusive_lock
 from ..models import model_fingerprint, resolve_target_modules
+from ..progress import notice
 from .batches import encode_preserve_text, preserve_batches, task_batches
 from .dist import Dist
 from .identity import calibration_identity, same_identity
@@ -116,6 +117,33 @@ def _check_counts(which: str, counts: dict[str, int]) -> None:
         raise PPFTError(f"{which} statistics saw no tokens for {empty[:3]}{hint}")
 
 
+MIN_TOKENS_PER_DIM = 4  # below this many tokens per input dimension a C's small eigenvalues are mostly noise
+
+
+def thin_inputs(counts: dict[str, int], dims: dict[str, int], factor: int = MIN_TOKENS_PER_DIM) -> dict[str, tuple[int, int]]:
+    """``{key: (tokens, width)}`` for the inputs whose statistic saw fewer than ``factor * width`` tokens.
+
+    An ``n x n`` second moment from ``N < n`` tokens has rank at most ``N``; with ``N`` a few times ``n``
+    its tail eigenvalues (those that decide which directions FORA leaves open) are still dominated by
+    sampling noise.
+    """
+    return {k: (counts[k], dims[k]) for k in counts if counts[k] < factor * dims[k]}
+
+
+def warn_thin(which: str, counts: dict[str, int], dims: dict[str, int]) -> None:
+    """One warning naming how many inputs were calibrated on too few tokens, and the worst of them."""
+    thin = thin_inputs(counts, dims)
+    if not thin:
+        return
+    key, (tokens, width) = min(thin.items(), key=lambda kv: kv[1][0] / kv[1][1])
+    hint = "calibration.num_samples or max_new_tokens" if which == "preserve" else "calibration.max_task_examples"
+    notice(
+        f"{which} statistics of {len(thin)} of {len(counts)} layer inputs saw fewer than "
+        f"{MIN_TOKENS_PER_DIM} tokens per dimension (worst: {key}, {tokens} tokens for width {width}); "
+        f"their small eigenvalues are mostly noise: raise {hint}"
+    )
+
+
 @dataclass
 class StatsResult:
     """The statistics of one calibration: ``covs[which][key]`` packed upper triangles of ``C`` (float32,
@@ -142,6 +170,8 @@ def compute_stats(recipe, model: nn.Module, tokenizer, sequences: list[list[int]
             (batches, result.n_task), positions = task_batches(recipe, tokenizer), cfg.task_positions
         stats = accumulate_input_stats(model, targets, batches, positions, dist)
         _check_counts(w, stats.counts)
+        if dist.is_main:
+            warn_thin(w, stats.counts, result.dims)
         result.counts[w] = stats.counts
         result.covs[w] = stats.pop_packed_covs("cpu") if dist.is_main else {}
         del stats
