@@ -15,8 +15,15 @@ def exclusive_lock(target: Path):
     then find the finished result.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(f".{target.name}.lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    path = target.with_name(f".{target.name}.lock")
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            from .progress import notice
+
+            notice(f"waiting for another process writing {target} (it holds {path}); this run continues when it is done")
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -329,3 +329,32 @@ def test_wide_lab_meets_its_targets():
     card = json.loads((build_lab("wide") / "card.json").read_text())
     assert all(card["accuracy"][s] >= 0.95 for s in PRETRAIN_SKILLS), card["accuracy"]
     assert all(card["accuracy"][s] <= 0.05 for s in NEW_SKILLS), card["accuracy"]
+
+
+def test_a_build_waiting_on_another_builds_lock_says_so(tmp_path, capsys):
+    """A second writer blocks until the first releases the lock, and tells the user it is waiting."""
+    import fcntl
+    import threading
+
+    from preserve_core.lab.build import build_lock
+
+    final = tmp_path / "tiny-s0-x"
+    holder = open(tmp_path / ".tiny-s0-x.lock", "w")  # the first writer: another process in real life
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    entered = threading.Event()
+
+    def second_writer():
+        with build_lock(final):
+            entered.set()
+
+    thread = threading.Thread(target=second_writer)
+    thread.start()
+    assert not entered.wait(0.5)  # blocked while the first holds the lock
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    thread.join(10)
+    assert entered.is_set()
+    assert "waiting for another process writing" in capsys.readouterr().err
+    with build_lock(final):  # free now: no second notice
+        pass
+    assert "waiting" not in capsys.readouterr().err

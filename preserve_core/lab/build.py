@@ -11,8 +11,6 @@ Builds are atomic (a temporary folder renamed into place) and idempotent (a matc
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RecipeError
+from ..locks import exclusive_lock
 from .config import LAB_VERSION, PRESETS, LabConfig
 from .skills import NEW_SKILLS, PRETRAIN_SKILLS, SKILLS, split_examples
 
@@ -163,16 +162,9 @@ def upgrade_tokenizer(final: Path) -> Path:
     return final
 
 
-@contextlib.contextmanager
 def build_lock(final: Path):
-    """An exclusive ``flock`` on ``<final>.lock`` for the duration of a build."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.with_name(f".{final.name}.lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """An exclusive ``flock`` on ``<final>.lock`` for the duration of a build (says so when it must wait)."""
+    return exclusive_lock(final)
 
 
 def _build(cfg: LabConfig, seed: int, final: Path, force: bool, on_step) -> Path:
