@@ -136,8 +136,8 @@ def worker(model_dir: Path, method_key: str, out: Path, calibration_only: bool =
     from preserve_core.calibration import ensure_calibration, stats_needed
     from preserve_core.checkpoint import TrainState, save_checkpoint
     from preserve_core.methods import METHODS as REGISTRY
-    from preserve_core.methods.fora_layer import ForaLinear
-    from preserve_core.methods.folora_layer import FoloraLinear
+    from preserve_core.methods.fora.layer import ForaLinear
+    from preserve_core.methods.folora.layer import FoloraLinear
     from preserve_core.models import load_model, load_tokenizer
     from preserve_core.recipe import load_recipe
     from preserve_core.training import build_scheduler, make_accelerator, setup_method

@@ -165,7 +165,7 @@ def projection_leak(model, initial: dict) -> tuple[float, float] | tuple[None, N
     The first is ~0 when ``dW Q = 0`` held; the second is what a ``dW`` blind to ``Q`` would give in
     expectation (``E ||X Q||^2 = (k / n) ||X||^2`` for a random ``X``), the scale "not ~0" means.
     """
-    from preserve_core.methods.fora_layer import ForaLinear
+    from preserve_core.methods.fora.layer import ForaLinear
 
     leak, total, blind = 0.0, 0.0, 0.0
     for name, layer in model.named_modules():

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from preserve_core.checkpoint import list_checkpoints
 from preserve_core.methods.folora import Folora
-from preserve_core.methods.folora_basis import damped_preserve, gamma_of, gate_values, generalized_basis, resolve_keep
-from preserve_core.methods.folora_layer import FoloraLinear, default_init_std
-from preserve_core.methods.gated_adam import GatedAdamW
+from preserve_core.methods.folora.basis import damped_preserve, gamma_of, gate_values, generalized_basis, resolve_keep
+from preserve_core.methods.folora.layer import FoloraLinear, default_init_std
+from preserve_core.methods.folora.gated_adam import GatedAdamW
 from preserve_core.recipe import load_recipe
 from preserve_core.training import train
 
@@ -265,7 +265,7 @@ def test_refresh_keeps_the_adapter_and_rotates_moments(write_recipe, monkeypatch
 def test_refresh_window_matches_calibration_statistics(write_recipe):
     """The window's C_t estimate over training batches equals collect_input_stats on the same batches."""
     from preserve_core.calibration import collect_input_stats
-    from preserve_core.methods.folora_refresh import TaskWindow
+    from preserve_core.methods.folora.refresh import TaskWindow
 
     result = run(folora_recipe(write_recipe, "window", training={"max_steps": 1}))
     model = result.model
@@ -290,7 +290,7 @@ def test_refresh_window_matches_calibration_statistics(write_recipe):
 
 
 def _plain_linears(model, wrappers):
-    from preserve_core.methods.folora_layer import plain_linears
+    from preserve_core.methods.folora.layer import plain_linears
 
     return plain_linears(model, wrappers, merge=False)
 

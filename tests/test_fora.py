@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import reverse_examples, write_jsonl
 from preserve_core.checkpoint import list_checkpoints
-from preserve_core.methods.fora_layer import ForaLinear
-from preserve_core.methods.fora_bases import project_left, project_right, select_rank
-from preserve_core.methods.fora_optim import ProjectedAdamW
+from preserve_core.methods.fora.layer import ForaLinear
+from preserve_core.methods.fora.bases import project_left, project_right, select_rank
+from preserve_core.methods.fora.optim import ProjectedAdamW
 from preserve_core.recipe import load_recipe
 from preserve_core.training import train
 
@@ -82,7 +82,7 @@ def _orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("k", [3, 10, 12])  # 10, 12 of 12: the layer keeps Q's complement
 def test_complement_init_keeps_kaiming_row_norms_inside_the_complement(k):
     """``init: complement``: row i of A is (A0_i P_Q) |A0_i| / |A0_i P_Q|, A0 = the Kaiming draw of that seed."""
-    from preserve_core.methods.fora_bases import ForaBases, RightProjector
+    from preserve_core.methods.fora.bases import ForaBases, RightProjector
 
     n, m, r = 12, 5, 4
     q = _orthonormal(n, k, 3).float()
@@ -328,7 +328,7 @@ def _cov_with_spectrum(values: list[float], seed: int) -> tuple[torch.Tensor, to
 def test_input_projector_keeps_the_smaller_side_and_equals_the_float64_projection(rank, complement, solver):
     from types import SimpleNamespace
 
-    from preserve_core.methods.fora_bases import input_projector
+    from preserve_core.methods.fora.bases import input_projector
 
     values = [10.0, 8.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.25]  # distinct: the top-k span is unique
     cov, e = _cov_with_spectrum(values, 3)
@@ -367,7 +367,7 @@ def _fora_on_tiny(tiny_model_dir, options: dict, covs: dict[str, torch.Tensor] |
 
 
 def test_no_weight_svd_without_u1_and_channel_and_one_shared_basis_per_input(tiny_model_dir, monkeypatch):
-    from preserve_core.methods import fora_bases
+    from preserve_core.methods.fora import bases as fora_bases
 
     calls = []
     real_svd = fora_bases.weight_svd

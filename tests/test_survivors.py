@@ -13,7 +13,7 @@ from conftest import build_char_tokenizer
 
 from preserve_core.errors import RecipeError
 from preserve_core.evaluation.tasks import _encode_multiple_choice
-from preserve_core.methods.fora_bases import orthonormal_complement
+from preserve_core.methods.fora.bases import orthonormal_complement
 from preserve_core.recipe_schema import EvalTask
 
 TOKENIZER = build_char_tokenizer()

@@ -1,4 +1,5 @@
-"""The method registry: adding a protection method is one module and one line here."""
+"""The method registry: adding a protection method is one module (or one folder, like ``fora/``, when
+it needs several files) and one line here."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ then drops the inputs. Estimate at a refresh:
     C_t <- mix * C_window + (1 - mix) * C_t_previous      (C_t_previous: the calibration C_t at first)
 
 Then ``V`` and ``lambda`` are recomputed and ``A~`` and the Adam moments move into the new
-coordinates with ``T = V_old^T M V_new`` (see :func:`.folora_basis.transition`).
+coordinates with ``T = V_old^T M V_new`` (see :func:`.basis.transition`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..calibration.stats import select_rows, token_mask
+from ...calibration.stats import select_rows, token_mask
 
 
 class TaskWindow:

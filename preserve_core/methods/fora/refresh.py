@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..calibration.batches import preserve_batches
-from ..calibration.stats import collect_input_stats
-from .fora_bases import RightProjector, input_projector
+from ...calibration.batches import preserve_batches
+from ...calibration.stats import collect_input_stats
+from .bases import RightProjector, input_projector
 
 
 def current_preserve_covs(model: nn.Module, names: list[str], batches: list[dict]) -> dict[str, torch.Tensor]:

@@ -1,9 +1,9 @@
 """``folora``: foundation-preserving LoRA by a generalized Rayleigh quotient, with direction-wise gated Adam.
 
 Per target linear ``W`` [m, n] with LoRA ``dW = (alpha/r) B A``: solve ``C_t v = lambda (C_p + eps I) v``
-(:mod:`.folora_basis`), write ``A = A~ V_K^T`` (:mod:`.folora_layer`), train ``A~`` [r, K] with Adam steps
+(:mod:`.basis`), write ``A = A~ V_K^T`` (:mod:`.layer`), train ``A~`` [r, K] with Adam steps
 scaled per column by ``g(lambda_i)`` and ``B`` with plain AdamW (:mod:`.gated_adam`). Optional: a
-``gamma`` schedule and periodic re-estimation of ``C_t`` (:mod:`.folora_refresh`). Exports a stock
+``gamma`` schedule and periodic re-estimation of ``C_t`` (:mod:`.refresh`). Exports a stock
 PEFT LoRA with ``A = A~ V_K^T``. See docs/methods/folora.md.
 """
 
@@ -17,9 +17,9 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from .adapter_export import save_lora_factors_as_peft
-from .base import PRESERVE_STATS, TASK_STATS, Method, MethodOptions
-from .folora_basis import (
+from ..adapter_export import save_lora_factors_as_peft
+from ..base import PRESERVE_STATS, TASK_STATS, Method, MethodOptions
+from .basis import (
     Basis,
     damped_preserve,
     gamma_of,
@@ -29,9 +29,9 @@ from .folora_basis import (
     resolve_keep,
     transition,
 )
-from .folora_layer import FoloraLinear, attach_disable_adapter, default_init_std, install, plain_linears
-from .folora_refresh import TaskWindow, in_window, mix_estimate
-from ..sharding import local
+from .layer import FoloraLinear, attach_disable_adapter, default_init_std, install, plain_linears
+from .refresh import TaskWindow, in_window, mix_estimate
+from ...sharding import local
 from .gated_adam import GatedAdamW, unwrap_optimizer
 
 

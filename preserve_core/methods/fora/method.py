@@ -2,8 +2,8 @@
 
 Per target ``W`` [m, n]: ``dW = P_U M P_Q + U_c diag(delta) V_c^T`` with ``P_Q = I - Q Q^T`` (``Q``:
 top eigenvectors of the preserve covariance ``C_p``) and ``P_U = I - U_1 U_1^T`` (``U_1``: top left
-singular vectors of ``W``). ``form: full`` trains ``W`` with a projected AdamW (fora_optim.py);
-``form: lora`` sets ``M = (alpha/r) B A`` (fora_layer.py) and exports a stock PEFT LoRA of rank ``r + s``.
+singular vectors of ``W``). ``form: full`` trains ``W`` with a projected AdamW (optim.py);
+``form: lora`` sets ``M = (alpha/r) B A`` (layer.py) and exports a stock PEFT LoRA of rank ``r + s``.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..errors import PPFTError
-from ..sharding import like
-from .adapter_export import save_lora_factors_as_peft
-from .base import PRESERVE_STATS, Method, MethodOptions
-from .fora_bases import RightProjector, compute_bases, input_projector
-from .fora_layer import ForaLinear
-from .fora_optim import ProjectedAdamW
-from .fora_refresh import current_preserve_covs, refresh_batches, refreshed_projectors
+from ...errors import PPFTError
+from ...sharding import like
+from ..adapter_export import save_lora_factors_as_peft
+from ..base import PRESERVE_STATS, Method, MethodOptions
+from .bases import RightProjector, compute_bases, input_projector
+from .layer import ForaLinear
+from .optim import ProjectedAdamW
+from .refresh import current_preserve_covs, refresh_batches, refreshed_projectors
 
 BASES = ("right", "u1", "u_c", "v_c")
 BASES_HASH = "bases_sha256"
@@ -162,7 +162,7 @@ class Fora(Method):
         )  # fmt: skip
         return self.optimizer
 
-    # -- refreshing Q (form: full, refresh_every > 0; fora_refresh.py) ---------------------------
+    # -- refreshing Q (form: full, refresh_every > 0; refresh.py) ---------------------------
     def after_step(self, model: nn.Module, optimizer, step: int) -> None:
         every = self.options.refresh_every
         if every and step % every == 0 and step < self.ctx.recipe.training.max_steps:

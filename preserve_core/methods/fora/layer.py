@@ -10,7 +10,7 @@ With ``r = 0`` (full-rank form) ``W`` itself trains (its projected AdamW keeps t
 protected space) and the layer adds only the channel, folded into the weight once per call:
 ``y = (W + U_c diag(delta) V_c^T) x``. The bases are non-persistent float32 buffers, recomputed
 from calibration on resume (the checkpoint holds their hash); ``P_Q``'s basis (``Q`` or its complement,
-see :class:`.fora_bases.RightProjector`) is one tensor shared by every layer reading the same input.
+see :class:`.bases.RightProjector`) is one tensor shared by every layer reading the same input.
 ``A``, ``B`` and ``delta`` are float32 parameters.
 """
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .fora_bases import ForaBases, RightProjector, project_left
+from .bases import ForaBases, RightProjector, project_left
 
 
 class ForaLinear(nn.Module):

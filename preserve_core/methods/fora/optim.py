@@ -23,14 +23,14 @@ from collections.abc import Iterable
 
 import torch
 
-from ..sharding import like, local, row_group
-from .fora_bases import RightProjector, orthonormal_complement, project_left
+from ...sharding import like, local, row_group
+from .bases import RightProjector, orthonormal_complement, project_left
 
 
 class ProjectedAdamW(torch.optim.Optimizer):
     """AdamW where ``projectors[p] = (right, U_1 [m, r_u])`` confines ``p``'s update to ``P_U . P_Q``.
 
-    ``right`` is a :class:`.fora_bases.RightProjector` or ``Q`` [n, k] itself; for a bare ``Q`` that
+    ``right`` is a :class:`.bases.RightProjector` or ``Q`` [n, k] itself; for a bare ``Q`` that
     spans more than half of the input space the complement is computed once per distinct ``Q``.
 
     ``anchors[p] = W_0`` is where weight decay pulls a projected ``p`` (required when its group has

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ..sharding import local
+from ...sharding import local
 
 
 class GatedAdamW(torch.optim.Optimizer):
