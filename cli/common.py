@@ -77,9 +77,12 @@ def guarded(fn: Callable[[], object], debug: bool) -> object:
         kind = "invalid input" if e.exit_code == 2 else "error"
         err_console.print(f"[bold red]{kind}:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as interrupt:
+        from preserve_core.guards import Terminated
+
+        terminated = isinstance(interrupt, Terminated)
+        err_console.print("[yellow]terminated[/]" if terminated else "[yellow]interrupted[/]")
+        raise typer.Exit(143 if terminated else 130) from None
     except Exception as e:  # anything else is a bug or an environment problem: say so plainly
         if debug:
             raise

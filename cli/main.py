@@ -91,8 +91,9 @@ def train(
         check_runtime(resolved)
         result = train_run(resolved, resume=resume, show_progress=progress, allow_changes=allow_changes)
         if result.interrupted:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the checkpoint is saved: another Ctrl-C must not break the exit
-            raise typer.Exit(130)
+            for signum in (signal.SIGINT, signal.SIGTERM):  # the checkpoint is saved: another must not break the exit
+                signal.signal(signum, signal.SIG_IGN)
+            raise typer.Exit(143 if result.terminated else 130)
         if is_main_process():
             err_console.print(f"[green]done[/]: {result.steps} steps, final loss {result.final_loss:.4f}; model in:")
             print(result.final_dir, flush=True)  # the last line of stdout: M=$(ppft train r.yaml) works

@@ -1,4 +1,4 @@
-"""Run-time guards: finiteness checks for the training state, and Ctrl-C deferral around writes."""
+"""Run-time guards: finiteness checks for the training state; Ctrl-C and SIGTERM deferral around writes."""
 
 from __future__ import annotations
 
@@ -36,16 +36,46 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor
                 yield value
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler preempting the job, ``kill``, ``docker stop``): handled like Ctrl-C, exit 143."""
+
+
+HELD = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
-def deferred_sigint(notice: str | None = None, deliver: bool = True) -> Iterator[None]:
-    """Hold back SIGINT (Ctrl-C) for the duration of the block; then, if ``deliver``, raise ``KeyboardInterrupt``.
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) instead of killing.
+
+    Schedulers send SIGTERM and wait a grace period before SIGKILL; raising it as an interrupt lets
+    the training loop save a checkpoint of the last completed step and exit, as on Ctrl-C. Outside
+    the main thread the default handling stays.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def deferred_interrupts(notice: str | None = None, deliver: bool = True) -> Iterator[None]:
+    """Hold back SIGINT (Ctrl-C) and SIGTERM for the block; then, if ``deliver``, raise the interrupt.
 
     A checkpoint write or an optimizer update interrupted half-way would leave a lost checkpoint or a
     state that no longer matches its step count; with this guard the block completes and the interrupt
-    takes effect right after (``deliver=False``: it is dropped, for a block that already handles one).
-    ``notice`` is printed at the first held-back Ctrl-C. Outside the main thread (where signal handlers
-    cannot be installed) the block runs unguarded; ``kill -9`` still leaves the previous checkpoint
-    intact because checkpoints are renamed into place.
+    takes effect right after: :class:`Terminated` if a SIGTERM came, else ``KeyboardInterrupt``
+    (``deliver=False``: it is dropped, for a block that already handles one). ``notice`` is printed at
+    the first held-back signal. Outside the main thread (where signal handlers cannot be installed) the
+    block runs unguarded; ``kill -9`` still leaves the previous checkpoint intact because checkpoints
+    are renamed into place.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -57,10 +87,11 @@ def deferred_sigint(notice: str | None = None, deliver: bool = True) -> Iterator
             print(notice, file=sys.stderr, flush=True)
         received.append(signum)
 
-    previous = signal.signal(signal.SIGINT, hold)
+    previous = {signum: signal.signal(signum, hold) for signum in HELD}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if received and deliver:
-        raise KeyboardInterrupt
+        raise Terminated if signal.SIGTERM in received else KeyboardInterrupt

@@ -24,7 +24,7 @@ from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_chec
 from .checkpoint_integrity import newest_intact
 from .data import build_eval_dataset, build_train_dataset, check_packing_support, collate, data_fingerprint, pack
 from .errors import PPFTError, RecipeError, TrainingDiverged
-from .guards import all_finite, deferred_sigint, optimizer_tensors
+from .guards import Terminated, all_finite, deferred_interrupts, optimizer_tensors, sigterm_as_interrupt
 from .methods import METHODS, MethodContext
 from .methods.base import unwrap_model
 from .methods.regularizers import Regularizers, regularizer_needs
@@ -57,6 +57,7 @@ class TrainResult:
     steps: int
     final_loss: float
     interrupted: bool = False
+    terminated: bool = False  # the interrupt was a SIGTERM (exit 143), not Ctrl-C (exit 130)
     metrics: list[dict] = field(default_factory=list)
     model: torch.nn.Module | None = field(default=None, repr=False)
 
@@ -177,7 +178,8 @@ def train(recipe, resume: bool = False, show_progress: bool = True, allow_change
         if resume:
             checkpoint = resume_checkpoint(run_dir)
             start = ResumePoint(checkpoint, check_recipe_changes(recipe, checkpoint, allow_changes))
-        return _train_locked(recipe, accelerator, run_dir, start, show_progress, settings)
+        with sigterm_as_interrupt():
+            return _train_locked(recipe, accelerator, run_dir, start, show_progress, settings)
 
 
 def _restore(start: ResumePoint, method, model, optimizer, scheduler, regularizers) -> TrainState:
@@ -296,11 +298,14 @@ class TrainingLoop:
                 while self.state.step < self.cfg.max_steps:
                     loss, tokens, seconds, grad_norm = self.one_step()
                     self.after_step(loss, tokens, seconds, grad_norm, progress)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
+            terminated = isinstance(interrupt, Terminated)
             path = self.checkpoint(interrupted=True)
             if self.accelerator.is_main_process:
-                print(f"Interrupted: saved {path}. Continue with --resume.", file=sys.stderr)
-            return TrainResult(self.recipe.run_dir(), None, self.state.step, loss, interrupted=True, metrics=self.metrics)
+                what = "Terminated (SIGTERM)" if terminated else "Interrupted"
+                print(f"{what}: saved {path}. Continue with --resume.", file=sys.stderr)
+            return TrainResult(self.recipe.run_dir(), None, self.state.step, loss, interrupted=True,
+                               terminated=terminated, metrics=self.metrics)  # fmt: skip
         if self.cfg.save_every == 0 or self.state.step % self.cfg.save_every:
             self.checkpoint()
         return TrainResult(self.recipe.run_dir(), None, self.state.step, loss, metrics=self.metrics)
@@ -325,7 +330,7 @@ class TrainingLoop:
         if not math.isfinite(total):
             self._diverged(f"the loss became {total}")
         grad_norm = self._clip_gradients()
-        with deferred_sigint():  # the update and the step count it belongs to change together
+        with deferred_interrupts():  # the update and the step count it belongs to change together
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -450,7 +455,7 @@ class TrainingLoop:
             optimizer_state = full_optimizer_state(self.optimizer) if self.sharded else None  # collective
             if main:
                 model = unwrap_model(self.model)
-                with deferred_sigint("Ctrl-C: finishing the checkpoint write first.", deliver=not interrupted):
+                with deferred_interrupts("Interrupt: finishing the checkpoint write first.", deliver=not interrupted):
                     path = save_checkpoint(
                         self.recipe.run_dir(), self.state, self.method, model, self.optimizer, self.scheduler,
                         self.cfg.keep_last, self.regularizers, optimizer_state,

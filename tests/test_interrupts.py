@@ -1,5 +1,6 @@
 """Ctrl-C: a second Ctrl-C during the checkpoint write neither loses that checkpoint nor leaves the run
-without a resumable one; a Ctrl-C during a periodic save lets it finish and does not rewrite it."""
+without a resumable one; a Ctrl-C during a periodic save lets it finish and does not rewrite it.
+SIGTERM (a scheduler's preemption) is handled the same way, with exit 143."""
 
 from __future__ import annotations
 
@@ -68,3 +69,80 @@ def test_ctrl_c_during_a_periodic_save_lets_it_finish(write_recipe, monkeypatch)
     assert [p.name for p in list_checkpoints(result.run_dir)] == ["checkpoint-000002"]
     assert checkpoint_problem(result.run_dir / "checkpoint-000002") is None
     assert _train(path, resume=True).steps == 6
+
+
+def _signal_at_step(monkeypatch, step: int, signum: int) -> None:
+    """Deliver a real ``signum`` to this process as optimizer step ``step`` begins."""
+    original = training.TrainingLoop.one_step
+    calls = {"n": 0}
+
+    def signalled(self):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+        return original(self)
+
+    monkeypatch.setattr(training.TrainingLoop, "one_step", signalled)
+
+
+def test_sigterm_saves_the_last_step_and_resume_ends_where_a_straight_run_does(write_recipe, monkeypatch):
+    from safetensors.torch import load_file
+
+    straight = _train(write_recipe("straight", training={"max_steps": 6}))
+    _signal_at_step(monkeypatch, 4, signal.SIGTERM)
+    path = write_recipe("preempted", training={"max_steps": 6})
+    result = _train(path)
+    assert result.interrupted and result.terminated and result.steps == 3
+    assert [p.name for p in list_checkpoints(result.run_dir)] == ["checkpoint-000003"]
+    assert checkpoint_problem(result.run_dir / "checkpoint-000003") is None
+    monkeypatch.undo()
+    resumed = _train(path, resume=True)
+    assert resumed.steps == 6 and not resumed.interrupted
+    a = load_file(straight.final_dir / "adapter_model.safetensors")
+    b = load_file(resumed.final_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_sigterm_during_a_periodic_save_lets_it_finish(write_recipe, monkeypatch):
+    original = checkpoint_module.write_checksums
+
+    def terminated_mid_write(folder):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(folder)
+
+    monkeypatch.setattr(checkpoint_module, "write_checksums", terminated_mid_write)
+    result = _train(write_recipe(training={"max_steps": 6, "save_every": 2}))
+    assert result.terminated and result.steps == 2
+    assert checkpoint_problem(result.run_dir / "checkpoint-000002") is None
+    assert not list(result.run_dir.glob(".tmp-*"))
+
+
+def test_sigterm_outside_training_keeps_the_default_handler(write_recipe):
+    _train(write_recipe(training={"max_steps": 1}))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.slow  # a subprocess: 10-50 s on a shared machine
+def test_ppft_train_exits_143_on_sigterm_with_a_resumable_checkpoint(write_recipe):
+    """A scheduler's SIGTERM to `ppft train`: checkpoint of the last step, exit 143, `--resume` finishes."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    path = write_recipe(training={"max_steps": 100_000, "log_every": 1})
+    run_dir = load_recipe(path).run_dir()
+    cmd = [sys.executable, "-m", "cli.main", "train", str(path), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() or (run_dir / "metrics.jsonl").stat().st_size == 0:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Terminated (SIGTERM): saved" in err
+    (checkpoint,) = list_checkpoints(run_dir)
+    assert checkpoint_problem(checkpoint) is None
