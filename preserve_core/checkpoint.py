@@ -96,18 +96,21 @@ def _rotate(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read(path: Path, what: str, load):
+    """``load(path)``; any failure becomes a PPFTError naming the file (SafetensorError and torch's
+    unpickling errors say what is wrong but not where)."""
     try:
-        return load_file(path)
-    except Exception as e:  # SafetensorError says what is wrong but not where
-        raise PPFTError(f"{path}: cannot read checkpoint tensors ({type(e).__name__}: {e})") from e
+        return load(path)
+    except Exception as e:
+        raise PPFTError(f"{path}: cannot read checkpoint {what} ({type(e).__name__}: {e})") from e
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return _read(path, "tensors", load_file)
 
 
 def _read_state(path: Path) -> dict:
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as e:
-        raise PPFTError(f"{path}: cannot read checkpoint state ({type(e).__name__}: {e})") from e
+    return _read(path, "state", lambda p: torch.load(p, weights_only=True))
 
 
 def load_checkpoint(path: Path, method, model, optimizer, scheduler, regularizers=None) -> TrainState:

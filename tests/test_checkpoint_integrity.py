@@ -107,13 +107,28 @@ def test_resume_with_no_intact_checkpoint_exits_2(write_recipe):
 def test_unreadable_safetensors_error_names_the_file(write_recipe):
     folder = list_checkpoints(run(write_recipe(training={"max_steps": 2})).run_dir)[-1]
     (folder / "trainable.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
-    with pytest.raises(PPFTError, match="trainable.safetensors"):
+    with pytest.raises(PPFTError, match=r"trainable\.safetensors: cannot read checkpoint tensors \("):
         load_checkpoint(folder, _NoMethod(), None, None, None)
 
 
 class _NoMethod:
     def load_trainable_state(self, model, state):
         raise AssertionError("a damaged file must not reach the model")
+
+
+def test_unreadable_state_error_names_the_file(write_recipe):
+    folder = list_checkpoints(run(write_recipe(training={"max_steps": 2})).run_dir)[-1]
+    (folder / "state.pt").write_bytes(b"not a zip archive")
+    with pytest.raises(PPFTError, match=r"state\.pt: cannot read checkpoint state \(\w+Error: "):
+        load_checkpoint(folder, _AcceptingMethod(), torch.nn.Linear(1, 1), None, None)
+
+
+class _AcceptingMethod:
+    def load_trainable_state(self, model, state):
+        pass
+
+    def load_state_dict(self, state):
+        pass
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_resumable(write_recipe, monkeypatch):
