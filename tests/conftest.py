@@ -62,6 +62,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests: on tiny matrices a second thread only adds contention
+    (badly so on a busy machine). Use as ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reverse_examples(n: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -102,3 +112,55 @@ def write_recipe(tmp_path, tiny_model_dir, tiny_task_file):
         return path
 
     return write
+
+
+def run_recipe(path: Path, resume: bool = False):
+    """``train`` on the recipe at ``path``, without a progress bar; returns its ``TrainResult``."""
+    from preserve_core.recipe import load_recipe
+    from preserve_core.training import train
+
+    return train(load_recipe(path), resume=resume, show_progress=False)
+
+
+# Stand-in calibration, for tests of methods and regularisers that read one.
+PRESERVE_TEXTS = [f"the {w} is {c} and {n} = {n}" for w, c, n in zip("abcdefghijkl", "mnopqrstuvwx", range(12))]
+SMALL_CALIBRATION = {"num_samples": 12, "max_new_tokens": 12, "batch_size": 12, "stats_batch_size": 8, "fisher_samples": 8}
+
+
+def random_cov(n: int, seed: int) -> torch.Tensor:
+    """A seeded full-rank ``[n, n]`` covariance ``X^T X / 4n`` with column scales 0.1..2."""
+    x = torch.randn(4 * n, n, generator=torch.Generator().manual_seed(seed)) * torch.linspace(0.1, 2, n)
+    return x.T @ x / (4 * n)
+
+
+def fake_calibration(model: torch.nn.Module, extras: dict | None = None):
+    """In place of a computed calibration: preserve texts, method extras, and a random full-rank C_p
+    (seeded by layer width)."""
+    from types import SimpleNamespace
+
+    def preserve_cov(name: str) -> torch.Tensor:
+        width = model.get_submodule(name).in_features
+        return random_cov(width, width)
+
+    def upper_triangle(which: str, key: str, dtype=torch.float64, device="cpu") -> torch.Tensor:
+        """What FORA reads (its layers' keys are their names here): C_p's upper triangle."""
+        return torch.triu(preserve_cov(key)).to(device=device, dtype=dtype)
+
+    return SimpleNamespace(preserve_texts=PRESERVE_TEXTS, extra=lambda key: extras[key], preserve_cov=preserve_cov,
+                           upper_triangle=upper_triangle)  # fmt: skip
+
+
+def stand_in_context(recipe, tokenizer, model, calibration):
+    """The ``MethodContext`` (CPU, the recipe's target modules of ``model``) a method is built with."""
+    from preserve_core.methods import MethodContext
+    from preserve_core.models import resolve_target_modules
+
+    targets = resolve_target_modules(model, recipe.model.target_modules)
+    return MethodContext(recipe, tokenizer, targets, torch.device("cpu"), calibration=calibration)
+
+
+def calibrated_recipe(write_recipe, tmp_path: Path, name: str, method: dict, **training) -> Path:
+    """A recipe on a real but small calibration, in one folder shared by the test's recipes (sampled
+    once, extras added per method)."""
+    calibration = {**SMALL_CALIBRATION, "dir": str(tmp_path / "calibration")}
+    return write_recipe(name, method=method, calibration=calibration, training={"max_steps": 3, "lr": 1e-2, **training})

@@ -7,39 +7,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import PRESERVE_TEXTS, calibrated_recipe, fake_calibration, run_recipe, stand_in_context
 from torch import nn
 
 from preserve_core.checkpoint import TrainState
 from preserve_core.data import IGNORE, build_train_dataset
-from preserve_core.methods import METHODS, MethodContext
+from preserve_core.methods import METHODS
 from preserve_core.methods.ewc import diagonal_fisher
 from preserve_core.methods.forms import lora_delta, lora_delta_sq_norm
-from preserve_core.models import load_model, load_tokenizer, resolve_target_modules
+from preserve_core.models import load_model, load_tokenizer
 from preserve_core.recipe import load_recipe
-from preserve_core.training import BatchStream, train
-
-PRESERVE_TEXTS = [f"the {w} is {c} and {n} = {n}" for w, c, n in zip("abcdefghijkl", "mnopqrstuvwx", range(12))]
-SMALL_CALIBRATION = {"num_samples": 12, "max_new_tokens": 12, "batch_size": 12, "stats_batch_size": 8, "fisher_samples": 8}
-
-
-def random_cov(n: int, seed: int) -> torch.Tensor:
-    x = torch.randn(4 * n, n, generator=torch.Generator().manual_seed(seed)) * torch.linspace(0.1, 2, n)
-    return x.T @ x / (4 * n)
-
-
-def fake_calibration(model: nn.Module, extras: dict | None = None):
-    """Preserve texts, method extras, and a random full-rank C_p (seeded by layer width)."""
-
-    def preserve_cov(name: str) -> torch.Tensor:
-        width = model.get_submodule(name).in_features
-        return random_cov(width, width)
-
-    def upper_triangle(which: str, key: str, dtype=torch.float64, device="cpu") -> torch.Tensor:
-        """What FORA reads (its layers' keys are their names here): C_p's upper triangle."""
-        return torch.triu(preserve_cov(key)).to(device=device, dtype=dtype)
-
-    return SimpleNamespace(preserve_texts=PRESERVE_TEXTS, extra=lambda key: extras[key], preserve_cov=preserve_cov,
-                           upper_triangle=upper_triangle)  # fmt: skip
+from preserve_core.training import BatchStream
 
 
 def make_method(path, extras: dict | None = None):
@@ -49,9 +27,7 @@ def make_method(path, extras: dict | None = None):
     cls = METHODS[recipe.method.name]
     if extras is None and cls.calibrate_extra.__func__ is not METHODS["full"].calibrate_extra.__func__:
         extras = {cls.name: cls.calibrate_extra(model.eval(), tokenizer, PRESERVE_TEXTS, recipe)}
-    targets = resolve_target_modules(model, recipe.model.target_modules)
-    ctx = MethodContext(recipe, tokenizer, targets, torch.device("cpu"), calibration=fake_calibration(model, extras))
-    method = cls(recipe.method, ctx)
+    method = cls(recipe.method, stand_in_context(recipe, tokenizer, model, fake_calibration(model, extras)))
     return method, method.prepare_model(model), recipe
 
 
@@ -138,16 +114,6 @@ def test_kl_is_zero_at_step_zero_and_grows_after_a_change(write_recipe, form, re
     assert int(method.state_dict()["preserve_draws"]) == 2
 
 
-def run(path, resume=False):
-    return train(load_recipe(path), resume=resume, show_progress=False)
-
-
-def calibrated_recipe(write_recipe, tmp_path, name: str, method: dict, **training):
-    """A recipe sharing one small calibration folder (sampled once, extras added per method)."""
-    calibration = {**SMALL_CALIBRATION, "dir": str(tmp_path / "calibration")}
-    return write_recipe(name, method=method, calibration=calibration, training={"max_steps": 3, "lr": 1e-2, **training})
-
-
 def test_kl_resume_is_exact(write_recipe, tmp_path):
     import shutil
 
@@ -155,12 +121,12 @@ def test_kl_resume_is_exact(write_recipe, tmp_path):
 
     method = {"name": "kl", "form": "lora", "r": 2, "alpha": 4, "strength": 5.0, "preserve_batch_size": 5}
     common = {"max_steps": 4, "save_every": 2, "keep_last": 5, "grad_accum": 2}
-    straight = run(calibrated_recipe(write_recipe, tmp_path, "kl-straight", method, **common))
+    straight = run_recipe(calibrated_recipe(write_recipe, tmp_path, "kl-straight", method, **common))
     path = calibrated_recipe(write_recipe, tmp_path, "kl-resumed", method, **common)
-    first = run(path)
+    first = run_recipe(path)
     shutil.rmtree(first.run_dir / "final")
     shutil.rmtree(list_checkpoints(first.run_dir)[-1])
-    run(path, resume=True)
+    run_recipe(path, resume=True)
     from safetensors.torch import load_file
 
     a = load_file(straight.run_dir / "final" / "adapter_model.safetensors")

@@ -38,13 +38,7 @@ FAST = {"num_samples": 8, "batch_size": 4, "max_new_tokens": 10, "min_new_tokens
         "max_task_examples": 24}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second intra-op thread only adds contention (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from conftest import run_recipe
+
 from cli.main import app
 from preserve_core.checkpoint import list_checkpoints, load_checkpoint
 from preserve_core.errors import PPFTError
@@ -21,12 +23,8 @@ from preserve_core.training import train
 TRAINING = {"max_steps": 4, "save_every": 2, "keep_last": 2, "lr": 1e-2, "warmup_steps": 2}
 
 
-def run(path, resume=False):
-    return train(load_recipe(path), resume=resume, show_progress=False)
-
-
 def test_every_checkpoint_file_has_its_sha256(write_recipe):
-    result = run(write_recipe(training={"max_steps": 2}))
+    result = run_recipe(write_recipe(training={"max_steps": 2}))
     folder = list_checkpoints(result.run_dir)[-1]
     listed = {}
     for line in (folder / "SHA256SUMS").read_text().splitlines():
@@ -75,14 +73,14 @@ def _final_adapter(run_dir):
 
 
 def test_resume_skips_a_damaged_newest_checkpoint_and_stays_exact(write_recipe, capsys):
-    straight = _final_adapter(run(write_recipe("straight", training=TRAINING)).run_dir)
+    straight = _final_adapter(run_recipe(write_recipe("straight", training=TRAINING)).run_dir)
     for damage in (_truncate, _garble_tensor_bytes, _garble_state, _poisoned_without_checksums):
         path = write_recipe(damage.__name__, training=TRAINING)
-        run_dir = run(path).run_dir
+        run_dir = run_recipe(path).run_dir
         shutil.rmtree(run_dir / "final")
         expected_reason = damage(run_dir / "checkpoint-000004")
         capsys.readouterr()
-        run(path, resume=True)
+        run_recipe(path, resume=True)
         warning = " ".join(capsys.readouterr().err.split())
         assert "skipping" in warning and "checkpoint-000004" in warning and expected_reason in warning, warning
         assert "resuming from checkpoint-000002" in warning
@@ -93,7 +91,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_stays_exact(write_recipe, 
 
 def test_resume_with_no_intact_checkpoint_exits_2(write_recipe):
     path = write_recipe(training=TRAINING)
-    run_dir = run(path).run_dir
+    run_dir = run_recipe(path).run_dir
     shutil.rmtree(run_dir / "final")
     _truncate(run_dir / "checkpoint-000004")
     _garble_state(run_dir / "checkpoint-000002")
@@ -105,7 +103,7 @@ def test_resume_with_no_intact_checkpoint_exits_2(write_recipe):
 
 
 def test_unreadable_safetensors_error_names_the_file(write_recipe):
-    folder = list_checkpoints(run(write_recipe(training={"max_steps": 2})).run_dir)[-1]
+    folder = list_checkpoints(run_recipe(write_recipe(training={"max_steps": 2})).run_dir)[-1]
     (folder / "trainable.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     with pytest.raises(PPFTError, match=r"trainable\.safetensors: cannot read checkpoint tensors \("):
         load_checkpoint(folder, _NoMethod(), None, None, None)
@@ -117,7 +115,7 @@ class _NoMethod:
 
 
 def test_unreadable_state_error_names_the_file(write_recipe):
-    folder = list_checkpoints(run(write_recipe(training={"max_steps": 2})).run_dir)[-1]
+    folder = list_checkpoints(run_recipe(write_recipe(training={"max_steps": 2})).run_dir)[-1]
     (folder / "state.pt").write_bytes(b"not a zip archive")
     with pytest.raises(PPFTError, match=r"state\.pt: cannot read checkpoint state \(\w+Error: "):
         load_checkpoint(folder, _AcceptingMethod(), torch.nn.Linear(1, 1), None, None)
@@ -147,8 +145,8 @@ def test_a_failed_write_leaves_the_previous_checkpoint_resumable(write_recipe, m
     monkeypatch.setattr(checkpoint_module, "write_checksums", disk_full_on_second)
     path = write_recipe(training=TRAINING)
     with pytest.raises(OSError):
-        run(path)
+        run_recipe(path)
     run_dir = load_recipe(path).run_dir()
     assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-000002"]
     monkeypatch.setattr(checkpoint_module, "write_checksums", original)
-    assert run(path, resume=True).steps == 4
+    assert run_recipe(path, resume=True).steps == 4

@@ -10,7 +10,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import reverse_examples, write_jsonl
+from conftest import reverse_examples, run_recipe, write_jsonl
 from preserve_core.checkpoint import list_checkpoints
 from preserve_core.methods.fora.layer import ForaLinear
 from preserve_core.methods.fora.bases import project_left, project_right, select_rank
@@ -21,12 +21,7 @@ from preserve_core.training import train
 IDS = torch.tensor([[1, 21, 8, 25, 43, 4, 5, 41]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +32,6 @@ def calibration_settings(tmp_path_factory) -> dict:
     texts = write_jsonl(root / "preserve.jsonl", rows)
     return {"preserve_source": "dataset", "preserve_data": str(texts), "num_samples": 32, "stats_batch_size": 16,
             "max_task_examples": 16, "dir": str(root / "calibration")}  # fmt: skip
-
-
-def run(path, resume=False):
-    return train(load_recipe(path), resume=resume, show_progress=False)
 
 
 def fora_recipe(write_recipe, calibration_settings, name, method, **training):
@@ -151,7 +142,7 @@ def test_projected_adamw_equals_adam_on_m(weight_decay, k):
 @pytest.mark.parametrize("form", ["lora", "full"])
 def test_update_obeys_both_projections(form, write_recipe, calibration_settings, tiny_model_dir):
     """After training: ``(dW - channel) Q = 0`` and ``U_1^T (dW - channel) = 0``; ``Q`` spans C_p's top eigenvectors."""
-    result = run(fora_recipe(write_recipe, calibration_settings, f"constraints-{form}", {"form": form}))
+    result = run_recipe(fora_recipe(write_recipe, calibration_settings, f"constraints-{form}", {"form": form}))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     method_layers = {name: result.model.get_submodule(name) for name in _targets(result)}
     cal_cov = _preserve_covs(calibration_settings["dir"], method_layers)
@@ -199,7 +190,7 @@ def test_lora_form_exports_loadable_adapter_and_merged_model(write_recipe, calib
 def test_full_form_exports_merged_model(write_recipe, calibration_settings, tiny_model_dir):
     method = {"form": "full"}
     recipe = fora_recipe(write_recipe, calibration_settings, "export-full", method, max_steps=4, weight_decay=0.1)
-    result = run(recipe)
+    result = run_recipe(recipe)
     expected = logits(result.model)
     assert not torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir)), expected, atol=1e-4)
     reloaded = AutoModelForCausalLM.from_pretrained(result.final_dir)
@@ -218,9 +209,9 @@ def test_resume_is_exact(method, write_recipe, calibration_settings):
     label = method["name"]
     common = {"max_steps": 10, "save_every": 5, "keep_last": 5, "warmup_steps": 2, "grad_accum": 2}
     common["weight_decay"] = 0.05
-    straight = run(fora_recipe(write_recipe, calibration_settings, f"straight-{label}", method, **common))
+    straight = run_recipe(fora_recipe(write_recipe, calibration_settings, f"straight-{label}", method, **common))
     interrupted = fora_recipe(write_recipe, calibration_settings, f"resumed-{label}", method, **common)
-    first = run(interrupted)
+    first = run_recipe(interrupted)
     shutil.rmtree(first.run_dir / "final")
     shutil.rmtree(list_checkpoints(first.run_dir)[-1])
     assert list_checkpoints(first.run_dir)[-1].name == "checkpoint-000005"
@@ -229,7 +220,7 @@ def test_resume_is_exact(method, write_recipe, calibration_settings):
         assert "bases_sha256" in keys and any(k.startswith("refreshed/") for k in keys)
     else:
         assert keys == {"bases_sha256"}
-    resumed = run(interrupted, resume=True)
+    resumed = run_recipe(interrupted, resume=True)
     torch.testing.assert_close(logits(resumed.model), logits(straight.model), atol=1e-6, rtol=0)
     a, b = (load_file(next(r.final_dir.glob("*.safetensors"))) for r in (straight, resumed))
     assert a.keys() == b.keys()
@@ -246,7 +237,7 @@ def test_refresh_recomputes_q_on_the_current_model_and_later_steps_obey_it(write
 
     method = {"form": "full", "refresh_every": 3, "refresh_samples": 8, "u_rank": 0, "spectral_size": 0}
     recipe = fora_recipe(write_recipe, calibration_settings, "refresh", method, save_every=3, keep_last=3)
-    result = run(recipe)
+    result = run_recipe(recipe)
     step3 = load_file(list_checkpoints(result.run_dir)[0] / "trainable.safetensors")
     model = AutoModelForCausalLM.from_pretrained(result.final_dir, dtype=torch.float64)
     final = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -299,7 +290,7 @@ def test_refresh_needs_the_full_form(write_recipe, calibration_settings):
 
 @pytest.mark.parametrize("method", [{"name": "weightproj"}, {"name": "fora", "source": "weight"}])
 def test_weightproj_needs_no_calibration_and_protects_weight_directions(write_recipe, tiny_model_dir, method):
-    result = run(write_recipe("weightproj", method={**method, "rank": 3, "u_rank": 0, "spectral_size": 0},
+    result = run_recipe(write_recipe("weightproj", method={**method, "rank": 3, "u_rank": 0, "spectral_size": 0},
                               training={"max_steps": 3, "lr": 2e-2}))  # fmt: skip
     assert not (result.run_dir / "calibration").exists()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

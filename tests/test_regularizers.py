@@ -9,28 +9,18 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_baselines import PRESERVE_TEXTS, SMALL_CALIBRATION, fake_calibration
+from conftest import PRESERVE_TEXTS, calibrated_recipe, fake_calibration, run_recipe, stand_in_context
 from test_recipe_and_cli import cli
 
 from preserve_core.checkpoint import list_checkpoints
 from preserve_core.methods.kl_terms import PreserveBatches, pad_sequences
 from preserve_core.methods.regularizers import Regularizers
 from preserve_core.methods.regularizers.kl import preserve_sequences
-from preserve_core.methods import METHODS, MethodContext
-from preserve_core.models import load_model, load_tokenizer, resolve_target_modules
+from preserve_core.methods import METHODS
+from preserve_core.models import load_model, load_tokenizer
 from preserve_core.recipe import load_recipe
-from preserve_core.training import train
 
 FORA_FULL = {"name": "fora", "form": "full", "rank": 4, "u_rank": 2, "spectral_size": 2}
-
-
-def run(path, resume=False):
-    return train(load_recipe(path), resume=resume, show_progress=False)
-
-
-def calibrated(write_recipe, tmp_path, name: str, method: dict, **training):
-    calibration = {**SMALL_CALIBRATION, "dir": str(tmp_path / "calibration")}
-    return write_recipe(name, method=method, calibration=calibration, training={"max_steps": 3, "lr": 1e-2, **training})
 
 
 @pytest.mark.parametrize(
@@ -68,8 +58,8 @@ def test_baseline_equals_its_form_plus_the_regulariser(write_recipe, tmp_path, b
     """``kl`` == ``full`` + kl regulariser (and so on), bitwise: the refactor changed no result."""
     options = {k: v for k, v in baseline.items() if k not in ("name", "form", "r", "alpha")}
     composed = {**composed, "regularizers": [{"name": baseline["name"], **options}]}
-    a = run(calibrated(write_recipe, tmp_path, "baseline", baseline, grad_accum=2))
-    b = run(calibrated(write_recipe, tmp_path, "composed", composed, grad_accum=2))
+    a = run_recipe(calibrated_recipe(write_recipe, tmp_path, "baseline", baseline, grad_accum=2))
+    b = run_recipe(calibrated_recipe(write_recipe, tmp_path, "composed", composed, grad_accum=2))
     assert [m["loss"] for m in a.metrics if "loss" in m] == [m["loss"] for m in b.metrics if "loss" in m]
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -83,8 +73,7 @@ def perturbed_fora(write_recipe, form: str, regularizers: list[dict]):
     calibration = fake_calibration(model)
     calibration.input_key = lambda name: name
     assert calibration.preserve_texts == PRESERVE_TEXTS
-    targets = resolve_target_modules(model, recipe.model.target_modules)
-    method = METHODS["fora"](recipe.method, MethodContext(recipe, tokenizer, targets, torch.device("cpu"), calibration=calibration))
+    method = METHODS["fora"](recipe.method, stand_in_context(recipe, tokenizer, model, calibration))
     model = method.prepare_model(model)
     regs = Regularizers(recipe.method.regularizers, method.ctx)
     regs.attach(model, method)
@@ -131,8 +120,8 @@ def test_kl_regulariser_on_fora_matches_the_definition(write_recipe):
 
 def test_fora_with_ewc_and_kl_calibrates_the_union_and_trains(write_recipe, tmp_path):
     method = {**FORA_FULL, "regularizers": [{"name": "ewc", "strength": 2.0}, {"name": "kl", "reference": "cached"}]}
-    result = run(calibrated(write_recipe, tmp_path, "fora-ewc-kl", method))
-    cal = load_recipe(calibrated(write_recipe, tmp_path, "fora-ewc-kl", method)).calibration_dir()
+    result = run_recipe(calibrated_recipe(write_recipe, tmp_path, "fora-ewc-kl", method))
+    cal = load_recipe(calibrated_recipe(write_recipe, tmp_path, "fora-ewc-kl", method)).calibration_dir()
     import json
 
     manifest = json.loads((cal / "manifest.json").read_text())
@@ -143,13 +132,13 @@ def test_fora_with_ewc_and_kl_calibrates_the_union_and_trains(write_recipe, tmp_
 def test_resume_with_regularizers_is_exact(write_recipe, tmp_path):
     method = {**FORA_FULL, "regularizers": [{"name": "kl", "strength": 2.0, "preserve_batch_size": 3}, {"name": "replay", "rho": 0.3}]}
     common = {"max_steps": 4, "save_every": 2, "keep_last": 5, "grad_accum": 2}
-    straight = run(calibrated(write_recipe, tmp_path, "straight", method, **common))
-    path = calibrated(write_recipe, tmp_path, "resumed", method, **common)
-    first = run(path)
+    straight = run_recipe(calibrated_recipe(write_recipe, tmp_path, "straight", method, **common))
+    path = calibrated_recipe(write_recipe, tmp_path, "resumed", method, **common)
+    first = run_recipe(path)
     shutil.rmtree(first.run_dir / "final")
     shutil.rmtree(list_checkpoints(first.run_dir)[-1])
     assert int(load_file(list_checkpoints(first.run_dir)[-1] / "regularizers.safetensors")["kl/preserve_draws"]) == 4
-    run(path, resume=True)
+    run_recipe(path, resume=True)
     a = load_file(straight.run_dir / "final" / "model.safetensors")
     b = load_file(first.run_dir / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
