@@ -17,16 +17,12 @@ import json
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from common import REPO, interleaved, write_result
 from test_evaluation import LM_EVAL_TASK, char_tokenizer
 
 from preserve_core.evaluation.generation import greedy_generate
@@ -86,7 +82,7 @@ def time_lm_eval(model, tokenizer, include: Path, batch_size: int, limit: int | 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "eval.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eval.json")
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -106,13 +102,13 @@ def main() -> None:
         )
         time_ppft(model, tokenizer, task.model_copy(update={"limit": 4}), args.batch_size, cold=True)  # warm-up
         time_lm_eval(model, tokenizer, include, args.batch_size, limit=4)
-        cold, warm, theirs = [], [], []
-        for _ in range(args.repeats):
-            seconds, ours = time_ppft(model, tokenizer, task, args.batch_size, cold=True)
-            cold.append(seconds)
-            warm.append(time_ppft(model, tokenizer, task, args.batch_size, cold=False)[0])
-            seconds, out = time_lm_eval(model, tokenizer, include, args.batch_size, limit=None)
-            theirs.append(seconds)
+        runs = interleaved({  # each (seconds, result)
+            "cold": lambda: time_ppft(model, tokenizer, task, args.batch_size, cold=True),
+            "warm": lambda: time_ppft(model, tokenizer, task, args.batch_size, cold=False),
+            "lm_eval": lambda: time_lm_eval(model, tokenizer, include, args.batch_size, limit=None),
+        }, args.repeats)  # fmt: skip
+        cold, warm, theirs = ([seconds for seconds, _ in runs[k]] for k in ("cold", "warm", "lm_eval"))
+        ours, out = runs["cold"][-1][1], runs["lm_eval"][-1][1]
         prompts = [json.loads(line)["prompt"] for line in Path(data).read_text().splitlines()]
         our_gens = greedy_generate(
             model,
@@ -139,14 +135,7 @@ def main() -> None:
         "env": {"python": platform.python_version(), "torch": torch.__version__, "lm_eval": _version("lm_eval"),
                 "threads": torch.get_num_threads(), "device": "cpu"},
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(
-        json.dumps(
-            {k: result[k] for k in ("ppft_cold_s", "ppft_warm_s", "lm_eval_s", "ratio_cold", "ratio_warm", "scores")},
-            indent=2,
-        )
-    )
+    write_result(args.out, result, {k: result[k] for k in ("ppft_cold_s", "ppft_warm_s", "lm_eval_s", "ratio_cold", "ratio_warm", "scores")})
 
 
 def _version(name: str) -> str:

@@ -14,39 +14,12 @@ Best (lowest) fraction of ``--repeats`` runs.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import build_char_tokenizer, build_tiny_llama, reverse_examples, write_jsonl  # noqa: E402
-
-
-def make_fixture(root: Path, hidden: int, layers: int, n_rows: int) -> tuple[Path, Path]:
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_llama(len(tokenizer), hidden=hidden, layers=layers)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return root / "model", write_jsonl(root / "task.jsonl", reverse_examples(n_rows))
-
-
-def write_recipe(root: Path, model_dir: Path, data: Path, steps: int, batch: int) -> Path:
-    recipe = {
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train": str(data), "max_length": 64},
-        "method": {"name": "full"},
-        "training": {"lr": 1e-4, "max_steps": steps, "batch_size": batch, "log_every": 1, "save_every": steps},
-        "output": {"dir": str(root / "run"), "overwrite": True},
-    }
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+from common import bench_parser, make_fixture, write_recipe, write_result
 
 
 def _timed(fn, into: list):
@@ -88,33 +61,29 @@ def timed_run(recipe_path: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/guards.json"))
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser = bench_parser(__doc__, Path("bench/results/guards.json"), steps=30)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, data = make_fixture(root, args.hidden, args.layers, n_rows=args.batch * args.steps)
-        recipe = write_recipe(root, model_dir, data, args.steps, args.batch)
-        for _ in range(args.repeats):
-            runs.append(timed_run(recipe))
+        recipe = write_recipe(root / "recipe.yaml", {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"train": str(data), "max_length": 64},
+            "method": {"name": "full"},
+            "training": {"lr": 1e-4, "max_steps": args.steps, "batch_size": args.batch, "log_every": 1, "save_every": args.steps},
+            "output": {"dir": str(root / "run"), "overwrite": True},
+        })  # fmt: skip
+        runs = [timed_run(recipe) for _ in range(args.repeats)]
         checkpoint_bytes = sum(p.stat().st_size for p in (root / "run").glob("checkpoint-*/*") if p.is_file())
-    result = {
+    write_result(args.out, {
         "benchmark": "run_safety_overhead_full_ft",
         "settings": vars(args) | {"out": str(args.out), "torch_threads": torch.get_num_threads()},
         "checkpoint_bytes": checkpoint_bytes,
         "guard_fraction_of_step": min(r["guard_fraction_of_step"] for r in runs),
         "checksum_fraction_of_save": min(r["checksum_fraction_of_save"] for r in runs),
         "all_runs": runs,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

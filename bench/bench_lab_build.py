@@ -11,7 +11,6 @@ estimate of a preset's build time on an idle machine from a run on a loaded one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -19,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+from common import REPO, write_result
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_IDLE_PRETRAIN_SECONDS = 153.6  # docs/lab.md: tiny, 2 threads, idle machine (CI run)
 
 
@@ -65,11 +64,8 @@ def main() -> None:
         for p in presets
     }  # fmt: skip
     load = os.getloadavg()
-    out = {"benchmark": "lab_build", "settings": {**vars(args), "out": str(args.out), "torch_threads": torch.get_num_threads(),
-           "loadavg": load}, "presets": results}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-    print(json.dumps(out, indent=2))
+    write_result(args.out, {"benchmark": "lab_build", "settings": {**vars(args), "out": str(args.out),
+                 "torch_threads": torch.get_num_threads(), "loadavg": load}, "presets": results})  # fmt: skip
 
 
 if __name__ == "__main__":

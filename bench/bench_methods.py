@@ -19,10 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from common import REPO, bench_parser, save_model, write_recipe, write_result
+from conftest import reverse_examples, write_jsonl
 
 
 def method_sections() -> dict[str, dict]:
@@ -80,27 +78,21 @@ def child(recipe_path: str) -> None:
 
 
 def write_fixture(root: Path, hidden: int, layers: int, rows: int) -> tuple[Path, Path]:
-    from conftest import build_char_tokenizer, build_tiny_llama, reverse_examples, write_jsonl
-
-    tokenizer = build_char_tokenizer()
-    build_tiny_llama(len(tokenizer), hidden=hidden, layers=layers).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    """``(model folder, task.jsonl)`` of ``rows`` reversal rows, and ``preserve.jsonl`` (256 other rows as text)."""
+    model = save_model(root, hidden, layers)
     write_jsonl(root / "preserve.jsonl", [{"text": r["prompt"] + r["completion"]} for r in reverse_examples(256, seed=9)])
-    return root / "model", write_jsonl(root / "task.jsonl", reverse_examples(rows))
+    return model, write_jsonl(root / "task.jsonl", reverse_examples(rows))
 
 
 def recipe_for(root: Path, model: Path, data: Path, label: str, section: dict, steps: int, batch: int) -> Path:
-    recipe = {
+    return write_recipe(root / f"{label}.yaml", {
         "model": {"name_or_path": str(model)},
         "data": {"train": str(data), "max_length": 64},
         "method": section,
         "training": {"lr": 1e-4, "max_steps": steps, "batch_size": batch, "log_every": 1},
         "calibration": {"preserve_source": "dataset", "preserve_data": str(root / "preserve.jsonl"), "num_samples": 64},
         "output": {"dir": str(root / f"run-{label}"), "overwrite": True},
-    }
-    path = root / f"{label}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    })  # fmt: skip
 
 
 def run_round(root: Path, model: Path, data: Path, sections: dict, args) -> dict:
@@ -141,12 +133,7 @@ def combine_rounds(rounds: list[dict], sections: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "bench/results/methods.json")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
+    parser = bench_parser(__doc__, REPO / "bench/results/methods.json", steps=30, hidden=512)
     parser.add_argument("--repeats", type=int, default=1, help="Rounds over all methods, interleaved; medians over rounds")
     parser.add_argument("--only", help="Comma-separated labels to run (default: every method), e.g. lora,full,fora")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -162,10 +149,7 @@ def main() -> None:
         rounds = [run_round(root, model, data, sections, args) for _ in range(args.repeats)]
     results = combine_rounds(rounds, sections)
     settings = {k: v for k, v in vars(args).items() if k != "child"}
-    out = {"benchmark": "method_step_time", "settings": settings, "methods": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=str))
-    print(json.dumps(out, indent=2, default=str))
+    write_result(args.out, {"benchmark": "method_step_time", "settings": settings, "methods": results})
 
 
 if __name__ == "__main__":

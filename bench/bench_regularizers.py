@@ -15,15 +15,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+from common import REPO, interleaved, write_recipe, write_result
 
 
 def timed_step(loop, with_regularizers: bool) -> float:
@@ -61,14 +57,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, data = write_fixture(root, args.hidden, args.layers, rows=args.batch * 4 * args.steps)
-        recipe_path = root / "r.yaml"
-        recipe_path.write_text(yaml.safe_dump({
+        recipe = load_recipe(write_recipe(root / "r.yaml", {
             "model": {"name_or_path": str(model_dir)}, "data": {"train": str(data), "max_length": 64}, "method": method,
             "training": {"lr": 1e-4, "batch_size": args.batch},
             "calibration": {"preserve_source": "dataset", "preserve_data": str(root / "preserve.jsonl"), "num_samples": 64},
             "output": {"dir": str(root / "run")},
         }))  # fmt: skip
-        recipe = load_recipe(recipe_path)
         accelerator = make_accelerator(recipe)
         tokenizer = load_tokenizer(recipe.model)
         model = load_model(recipe.model, accelerator.device)
@@ -78,19 +72,14 @@ def main() -> None:
         loop = argparse.Namespace(model=model.train(), optimizer=method_obj.build_optimizer(model, recipe.training),
                                   regularizers=regularizers, stream=BatchStream(dataset, args.batch, 0, 0, 0, 1, TrainState()))  # fmt: skip
         timed_step(loop, True)  # warm-up
-        a, b = [], []
-        for _ in range(args.steps):
-            a.append(timed_step(loop, False))
-            b.append(timed_step(loop, True))
-    out = {
+        seconds = interleaved({"A": lambda: timed_step(loop, False), "B": lambda: timed_step(loop, True)}, args.steps)
+    a, b = seconds["A"], seconds["B"]
+    write_result(args.out, {
         "benchmark": "regularizer_step_cost", "settings": {**vars(args), "out": str(args.out), "loadavg": os.getloadavg()},
         "without_seconds_median": statistics.median(a), "with_seconds_median": statistics.median(b),
         "ratio_with_over_without": statistics.median(b) / statistics.median(a),
         "ratio_of_pairs_median": statistics.median(y / x for x, y in zip(a, b, strict=True)),
-    }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-    print(json.dumps(out, indent=2))
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

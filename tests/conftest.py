@@ -30,7 +30,7 @@ def build_char_tokenizer():
     )
 
 
-def build_tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2):
+def build_tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, max_positions: int = 128):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -41,7 +41,7 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: i
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
