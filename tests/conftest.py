@@ -114,6 +114,30 @@ def write_recipe(tmp_path, tiny_model_dir, tiny_task_file):
     return write
 
 
+def at_step(monkeypatch, step: int, action) -> object:
+    """Call ``action()`` (raise ``KeyboardInterrupt``, send a signal) as optimizer step ``step`` begins,
+    by wrapping ``TrainingLoop.one_step`` for the test; returns the unwrapped ``one_step`` (to put back
+    before resuming)."""
+    from preserve_core import training
+
+    original = training.TrainingLoop.one_step
+    calls = {"n": 0}
+
+    def one_step(self):
+        calls["n"] += 1
+        if calls["n"] == step:
+            action()
+        return original(self)
+
+    monkeypatch.setattr(training.TrainingLoop, "one_step", one_step)
+    return original
+
+
+def raise_keyboard_interrupt() -> None:
+    """Ctrl-C as the interrupted code sees it."""
+    raise KeyboardInterrupt
+
+
 def run_recipe(path: Path, resume: bool = False):
     """``train`` on the recipe at ``path``, without a progress bar; returns its ``TrainResult``."""
     from preserve_core.recipe import load_recipe

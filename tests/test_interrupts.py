@@ -8,6 +8,7 @@ import os
 import signal
 
 import pytest
+from conftest import at_step, raise_keyboard_interrupt
 
 from preserve_core import checkpoint as checkpoint_module
 from preserve_core import training
@@ -39,16 +40,7 @@ def _train(path, resume=False):
 
 
 def test_second_ctrl_c_during_the_interrupt_checkpoint(write_recipe, monkeypatch):
-    original = training.TrainingLoop.one_step
-    steps = {"n": 0}
-
-    def first_ctrl_c_at_step_4(self):
-        steps["n"] += 1
-        if steps["n"] == 4:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(training.TrainingLoop, "one_step", first_ctrl_c_at_step_4)
+    original = at_step(monkeypatch, 4, raise_keyboard_interrupt)
     _ctrl_c_during_writes(monkeypatch, on_calls={1})
     path = write_recipe(training={"max_steps": 6})
     result = _train(path)
@@ -71,25 +63,11 @@ def test_ctrl_c_during_a_periodic_save_lets_it_finish(write_recipe, monkeypatch)
     assert _train(path, resume=True).steps == 6
 
 
-def _signal_at_step(monkeypatch, step: int, signum: int) -> None:
-    """Deliver a real ``signum`` to this process as optimizer step ``step`` begins."""
-    original = training.TrainingLoop.one_step
-    calls = {"n": 0}
-
-    def signalled(self):
-        calls["n"] += 1
-        if calls["n"] == step:
-            os.kill(os.getpid(), signum)
-        return original(self)
-
-    monkeypatch.setattr(training.TrainingLoop, "one_step", signalled)
-
-
 def test_sigterm_saves_the_last_step_and_resume_ends_where_a_straight_run_does(write_recipe, monkeypatch):
     from safetensors.torch import load_file
 
     straight = _train(write_recipe("straight", training={"max_steps": 6}))
-    _signal_at_step(monkeypatch, 4, signal.SIGTERM)
+    at_step(monkeypatch, 4, lambda: os.kill(os.getpid(), signal.SIGTERM))  # a real SIGTERM to this process
     path = write_recipe("preempted", training={"max_steps": 6})
     result = _train(path)
     assert result.interrupted and result.terminated and result.steps == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from conftest import at_step, raise_keyboard_interrupt
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -109,16 +110,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(write_recipe, monkeypatch
 def test_interrupt_saves_resumable_checkpoint(write_recipe, monkeypatch):
     from preserve_core import training
 
-    original = training.TrainingLoop.one_step
-    calls = {"n": 0}
-
-    def interrupting(self):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(training.TrainingLoop, "one_step", interrupting)
+    original = at_step(monkeypatch, 4, raise_keyboard_interrupt)
     path = write_recipe(training={"max_steps": 6})
     result = run(path)
     assert result.interrupted and result.steps == 3
