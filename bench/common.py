@@ -28,7 +28,8 @@ def save_model(root: Path, hidden: int, layers: int, max_positions: int = 128) -
     from conftest import build_char_tokenizer, build_tiny_llama
 
     tokenizer = build_char_tokenizer()
-    build_tiny_llama(len(tokenizer), hidden=hidden, layers=layers, max_positions=max_positions).save_pretrained(root / "model")
+    model = build_tiny_llama(len(tokenizer), hidden=hidden, layers=layers, max_positions=max_positions)
+    model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     return root / "model"
 
@@ -48,7 +49,9 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def bench_parser(doc: str, out: Path, steps: int, batch: int = 16, hidden: int = 256, layers: int = 4) -> argparse.ArgumentParser:
+def bench_parser(
+    doc: str, out: Path, steps: int, batch: int = 16, hidden: int = 256, layers: int = 4
+) -> argparse.ArgumentParser:
     """The options every training bench has (result file, steps, batch, model width and depth), with
     this script's defaults; the script adds its own after them."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -60,7 +63,9 @@ def bench_parser(doc: str, out: Path, steps: int, batch: int = 16, hidden: int =
     return parser
 
 
-def interleaved(variants: dict[str, Callable[[], T]], rounds: int, report: Callable[[str, T], None] | None = None) -> dict[str, list[T]]:
+def interleaved(
+    variants: dict[str, Callable[[], T]], rounds: int, report: Callable[[str, T], None] | None = None
+) -> dict[str, list[T]]:
     """Each variant once per round, in order, for ``rounds`` rounds: ``{name: [result of round 0, ...]}``.
 
     Variants measured next to each other share the machine's load, so a load that drifts hits them

@@ -138,6 +138,18 @@ def raise_keyboard_interrupt() -> None:
     raise KeyboardInterrupt
 
 
+def rewind_to_previous_checkpoint(run_dir: Path) -> Path:
+    """Make a finished run look stopped just after its next-to-last checkpoint (``final/`` and the
+    newest checkpoint removed); returns the checkpoint ``--resume`` will start from."""
+    import shutil
+
+    from preserve_core.checkpoint import list_checkpoints
+
+    shutil.rmtree(run_dir / "final")
+    shutil.rmtree(list_checkpoints(run_dir)[-1])
+    return list_checkpoints(run_dir)[-1]
+
+
 def run_recipe(path: Path, resume: bool = False):
     """``train`` on the recipe at ``path``, without a progress bar; returns its ``TrainResult``."""
     from preserve_core.recipe import load_recipe

@@ -7,7 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import PRESERVE_TEXTS, calibrated_recipe, fake_calibration, run_recipe, stand_in_context
+from conftest import (
+    PRESERVE_TEXTS,
+    calibrated_recipe,
+    fake_calibration,
+    rewind_to_previous_checkpoint,
+    run_recipe,
+    stand_in_context,
+)
 from torch import nn
 
 from preserve_core.checkpoint import TrainState
@@ -115,17 +122,12 @@ def test_kl_is_zero_at_step_zero_and_grows_after_a_change(write_recipe, form, re
 
 
 def test_kl_resume_is_exact(write_recipe, tmp_path):
-    import shutil
-
-    from preserve_core.checkpoint import list_checkpoints
-
     method = {"name": "kl", "form": "lora", "r": 2, "alpha": 4, "strength": 5.0, "preserve_batch_size": 5}
     common = {"max_steps": 4, "save_every": 2, "keep_last": 5, "grad_accum": 2}
     straight = run_recipe(calibrated_recipe(write_recipe, tmp_path, "kl-straight", method, **common))
     path = calibrated_recipe(write_recipe, tmp_path, "kl-resumed", method, **common)
     first = run_recipe(path)
-    shutil.rmtree(first.run_dir / "final")
-    shutil.rmtree(list_checkpoints(first.run_dir)[-1])
+    rewind_to_previous_checkpoint(first.run_dir)
     run_recipe(path, resume=True)
     from safetensors.torch import load_file
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
-
 import torch
+from conftest import rewind_to_previous_checkpoint
 from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
@@ -164,10 +163,9 @@ def test_resume_is_exact_with_schedule_and_refresh(write_recipe):
     assert bases and all(not torch.allclose(at_4[k], at_8[k]) for k in bases), "the refresh at step 6 changed nothing"
     interrupted = folora_recipe(write_recipe, "resumed", method, training=common)
     first = run(interrupted)
-    shutil.rmtree(first.run_dir / "final")
-    shutil.rmtree(list_checkpoints(first.run_dir)[-1])
-    assert list_checkpoints(first.run_dir)[-1].name == "checkpoint-000004"
-    assert load_file(list_checkpoints(first.run_dir)[-1] / "method.safetensors").keys() >= {"step"}
+    resume_from = rewind_to_previous_checkpoint(first.run_dir)
+    assert resume_from.name == "checkpoint-000004"
+    assert load_file(resume_from / "method.safetensors").keys() >= {"step"}
     run(interrupted, resume=True)
     a = load_file(straight.run_dir / "final" / "adapter_model.safetensors")
     b = load_file(first.run_dir / "final" / "adapter_model.safetensors")
@@ -182,9 +180,7 @@ def test_resume_is_exact_without_bases_in_the_checkpoint(write_recipe):
     straight = run(folora_recipe(write_recipe, "straight-nobasis", training=common))
     interrupted = folora_recipe(write_recipe, "resumed-nobasis", training=common)
     first = run(interrupted)
-    shutil.rmtree(first.run_dir / "final")
-    shutil.rmtree(list_checkpoints(first.run_dir)[-1])
-    saved = load_file(list_checkpoints(first.run_dir)[-1] / "method.safetensors")
+    saved = load_file(rewind_to_previous_checkpoint(first.run_dir) / "method.safetensors")
     assert saved and not [k for k in saved if k.startswith("basis/")]
     resumed = run(interrupted, resume=True)
     a = load_file(straight.run_dir / "final" / "adapter_model.safetensors")

@@ -6,13 +6,11 @@ Adding a method to the registry without a row here fails ``test_matrix_covers_ev
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+from conftest import rewind_to_previous_checkpoint
 from safetensors.torch import load_file
 
-from preserve_core.checkpoint import list_checkpoints
 from preserve_core.methods import METHODS
 from preserve_core.recipe import load_recipe
 from preserve_core.training import train
@@ -86,8 +84,7 @@ def test_method_trains_resumes_exactly_and_exports(method, write_recipe, calibra
 
     path = write_recipe("resumed", **sections)
     first = train(load_recipe(path), show_progress=False)
-    shutil.rmtree(first.run_dir / "final")
-    shutil.rmtree(list_checkpoints(first.run_dir)[-1])  # resume from step 2, not from the end
+    rewind_to_previous_checkpoint(first.run_dir)  # resume from step 2, not from the end
     resumed = train(load_recipe(path), resume=True, show_progress=False)
     a, b = final_tensors(straight.run_dir), final_tensors(resumed.run_dir)
     assert a and a.keys() == b.keys()

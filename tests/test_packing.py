@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+from conftest import build_tiny_llama, rewind_to_previous_checkpoint
 from safetensors.torch import load_file
 
-from preserve_core.checkpoint import list_checkpoints
 from preserve_core.data import IGNORE, check_packing_support, collate, pack
 from preserve_core.errors import RecipeError
 from preserve_core.recipe import load_recipe
 from preserve_core.training import train
-from tests.conftest import build_tiny_llama
 
 
 def features(lengths: list[int], seed: int = 0) -> list[dict]:
@@ -109,8 +106,7 @@ def test_packed_training_matches_unpacked_and_resumes_exactly(write_recipe, tmp_
 
     path = mixed_length_recipe(write_recipe, tmp_path, "resumed", True)
     first = train(load_recipe(path), show_progress=False)
-    shutil.rmtree(first.final_dir)
-    shutil.rmtree(list_checkpoints(first.run_dir)[-1])  # back to checkpoint-4, mid-epoch (6 batches per epoch)
+    rewind_to_previous_checkpoint(first.run_dir)  # back to checkpoint-4, mid-epoch (6 batches per epoch)
     resumed = train(load_recipe(path), resume=True, show_progress=False)
     assert loss(resumed) == loss(packed)[4:]
     a = load_file(packed.final_dir / "adapter_model.safetensors")

@@ -4,15 +4,19 @@ calibration extras as the union, and exact resume with regularisers."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+from conftest import (
+    PRESERVE_TEXTS,
+    calibrated_recipe,
+    fake_calibration,
+    rewind_to_previous_checkpoint,
+    run_recipe,
+    stand_in_context,
+)
 from safetensors.torch import load_file
-from conftest import PRESERVE_TEXTS, calibrated_recipe, fake_calibration, run_recipe, stand_in_context
 from test_recipe_and_cli import cli
 
-from preserve_core.checkpoint import list_checkpoints
 from preserve_core.methods.kl_terms import PreserveBatches, pad_sequences
 from preserve_core.methods.regularizers import Regularizers
 from preserve_core.methods.regularizers.kl import preserve_sequences
@@ -135,9 +139,8 @@ def test_resume_with_regularizers_is_exact(write_recipe, tmp_path):
     straight = run_recipe(calibrated_recipe(write_recipe, tmp_path, "straight", method, **common))
     path = calibrated_recipe(write_recipe, tmp_path, "resumed", method, **common)
     first = run_recipe(path)
-    shutil.rmtree(first.run_dir / "final")
-    shutil.rmtree(list_checkpoints(first.run_dir)[-1])
-    assert int(load_file(list_checkpoints(first.run_dir)[-1] / "regularizers.safetensors")["kl/preserve_draws"]) == 4
+    resume_from = rewind_to_previous_checkpoint(first.run_dir)
+    assert int(load_file(resume_from / "regularizers.safetensors")["kl/preserve_draws"]) == 4
     run_recipe(path, resume=True)
     a = load_file(straight.run_dir / "final" / "model.safetensors")
     b = load_file(first.run_dir / "final" / "model.safetensors")
