@@ -1,0 +1,561 @@
+"""The training engine's pieces, called directly with stand-ins whose every number is known by hand.
+
+``TrainingLoop`` gets a one-parameter model (``loss = w * mean of the scored input ids``), plain SGD
+and a constant schedule, so one update, the accumulated loss, the clipped gradient and the logged
+metrics are all short sums written out in each test.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from preserve_core import training
+from preserve_core.checkpoint import TrainState, list_checkpoints, save_checkpoint
+from preserve_core.errors import PPFTError, RecipeError, TrainingDiverged
+from preserve_core.training import BatchStream, TrainingLoop, build_scheduler, check_runtime, epoch_batches, make_accelerator
+
+
+# ---------------------------------------------------------------------------------------------
+# data order
+# ---------------------------------------------------------------------------------------------
+def _perm(n: int, seed: int, epoch: int) -> list[int]:
+    """The documented order: ``randperm(n)`` seeded with ``seed * 100003 + epoch`` (checkpoints rely on it)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+@pytest.mark.parametrize(
+    "n, batch, seed, epoch, rank, world",
+    [(10, 4, 0, 0, 0, 1), (10, 4, 2, 3, 0, 1), (11, 2, 1, 1, 1, 3), (12, 3, 5, 0, 2, 3), (9, 3, 0, 2, 1, 2)],
+)
+def test_epoch_batches_are_the_seeded_permutation_strided_by_rank(n, batch, seed, epoch, rank, world):
+    mine = _perm(n, seed, epoch)[rank::world]
+    full = len(mine) // batch
+    expected = [mine[i * batch : (i + 1) * batch] for i in range(full)]  # the last partial batch is dropped
+    assert epoch_batches(n, batch, seed, epoch, rank, world) == expected
+
+
+def test_epoch_batches_by_hand_and_short_shards():
+    order = _perm(5, 0, 0)
+    assert epoch_batches(5, 4, 0, 0, 1, 2) == [order[1::2]]  # 2 examples < batch 4: one short batch
+    assert epoch_batches(5, 2, 0, 0, 1, 2) == [order[1::2]]  # exactly one batch
+    assert epoch_batches(3, 4, 0, 0, 0, 1) == [_perm(3, 0, 0)]
+    assert epoch_batches(1, 1, 0, 0, 1, 2) == []  # rank 1 of 2 has nothing
+    assert epoch_batches(6, 2, 1, 0, 0, 1) == epoch_batches(6, 2, 0, 100_003, 0, 1)  # seed 1 = epoch 100003
+
+
+class Rows(list):
+    """A data set: example ``i`` is ``[v_i] * len_i`` with every token a label."""
+
+    @classmethod
+    def of(cls, lengths: list[int], values: list[int] | None = None) -> Rows:
+        values = values or [i + 1 for i in range(len(lengths))]
+        return cls({"input_ids": [v] * n, "labels": [v] * n} for n, v in zip(lengths, values, strict=True))
+
+
+def test_batch_stream_walks_epochs_and_resumes_mid_epoch():
+    rows = Rows.of([1, 2, 3, 4, 5])
+    stream = BatchStream(rows, 2, seed=3, pad_id=0, rank=0, world=1, state=TrainState())
+    e0, e1 = epoch_batches(5, 2, 3, 0, 0, 1), epoch_batches(5, 2, 3, 1, 0, 1)
+    seen = []
+    for _ in range(4):
+        batch = stream.next()
+        seen.append(sorted(set(batch["input_ids"][batch["attention_mask"].bool()].tolist())))
+        assert stream.last_tokens == int(batch["attention_mask"].sum())
+    expected = [sorted(rows[i]["input_ids"][0] for i in b) for b in e0 + e1]
+    assert seen == expected and (stream.epoch, stream.position) == (1, 2)
+    resumed = BatchStream(rows, 2, seed=3, pad_id=0, rank=0, world=1, state=TrainState(epoch=1, position=1))
+    batch = resumed.next()
+    assert sorted(set(batch["input_ids"][batch["attention_mask"].bool()].tolist())) == expected[3]
+    assert (resumed.epoch, resumed.position, resumed.last_tokens) == (1, 2, sum(len(rows[i]["input_ids"]) for i in e1[1]))
+
+
+def test_batch_stream_pads_with_its_pad_id_or_packs():
+    rows = Rows.of([1, 3], values=[5, 6])
+    stream = BatchStream(rows, 2, seed=0, pad_id=7, rank=0, world=1, state=TrainState())
+    assert (stream.rank, stream.world, stream.seed, stream.batch_size, stream.packing, stream.last_tokens) == (0, 1, 0, 2, False, 0)
+    batch = stream.next()
+    assert sorted(batch["input_ids"].tolist()) == [[5, 7, 7], [6, 6, 6]] and stream.last_tokens == 4
+    packed = BatchStream(Rows.of([1, 2], values=[5, 6]), 2, 0, 7, 0, 1, TrainState(), packing=True).next()
+    # packed into rows no longer than the longest example (2): [6 6] and [5 pad]
+    assert packed["input_ids"].tolist() == [[6, 6], [5, 7]] and packed["position_ids"].tolist() == [[0, 1], [0, 0]]
+
+
+def test_batch_stream_with_rank_and_world():
+    rows = Rows.of([1] * 6, values=list(range(10, 16)))
+    stream = BatchStream(rows, 1, seed=4, pad_id=0, rank=2, world=3, state=TrainState())
+    order = _perm(6, 4, 0)
+    assert [int(stream.next()["input_ids"]) for _ in range(2)] == [10 + order[2], 10 + order[5]]
+    with pytest.raises(RecipeError) as err:
+        BatchStream(Rows.of([1]), 1, 0, 0, rank=1, world=2, state=TrainState())
+    assert str(err.value) == "data: fewer training examples than processes; add data or use fewer processes"
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule, accelerator, runtime checks
+# ---------------------------------------------------------------------------------------------
+def _lrs(schedule: str, warmup: int, max_steps: int) -> list[float]:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, SimpleNamespace(schedule=schedule, warmup_steps=warmup, max_steps=max_steps))
+    out = []
+    for _ in range(max_steps):
+        out.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedules_from_their_formulas():
+    """Warmup ``s / w``; then linear ``(T - s) / (T - w)``, cosine ``(1 + cos(pi (s - w) / (T - w))) / 2``, constant 1."""
+    assert _lrs("linear", 2, 6) == pytest.approx([0, 0.5, 1, 0.75, 0.5, 0.25])
+    cosine = [0, 0.5] + [(1 + math.cos(math.pi * (s - 2) / 4)) / 2 for s in range(2, 6)]
+    assert _lrs("cosine", 2, 6) == pytest.approx(cosine)
+    assert _lrs("constant", 3, 6) == pytest.approx([0, 1 / 3, 2 / 3, 1, 1, 1])
+    assert _lrs("linear", 0, 4) == pytest.approx([1, 0.75, 0.5, 0.25])
+
+
+def _recipe(precision: str = "no", grad_accum: int = 1):
+    return SimpleNamespace(training=SimpleNamespace(mixed_precision=precision, grad_accum=grad_accum))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU fallbacks")
+def test_accelerator_on_cpu_drops_mixed_precision_and_keeps_accumulation():
+    accelerator = make_accelerator(_recipe("bf16", grad_accum=3))
+    assert accelerator.mixed_precision == "no" and accelerator.gradient_accumulation_steps == 3
+    assert accelerator.device == torch.device("cpu")
+    assert make_accelerator(_recipe("no", 1)).gradient_accumulation_steps == 1
+    with pytest.raises(PPFTError) as err:
+        check_runtime(_recipe("fp16"))
+    assert str(err.value) == "training.mixed_precision: fp16 needs a GPU; use 'no' on CPU"
+    check_runtime(_recipe("bf16"))
+    check_runtime(_recipe("no"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop, with stand-ins
+# ---------------------------------------------------------------------------------------------
+class Scalar(nn.Module):
+    """``loss = w * (mean of input ids at scored label positions)``; refuses a KV cache."""
+
+    def __init__(self, w: float = 1.0):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([w]))
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask=None, labels=None, use_cache=None, position_ids=None):
+        assert use_cache in (False, None)
+        self.calls += 1
+        values = input_ids[:, 1:][labels[:, 1:] != -100].double()
+        mean = values.mean().float() if values.numel() else torch.zeros(())
+        return SimpleNamespace(loss=self.w[0] * mean)
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def log(self, step, **values):
+        self.lines.append({"step": step, **values})
+
+
+def _cfg(**overrides):
+    cfg = dict(batch_size=1, seed=0, grad_accum=1, max_steps=4, log_every=1, eval_every=0, save_every=0, keep_last=2,
+               max_grad_norm=None, lr=0.5)  # fmt: skip
+    return SimpleNamespace(**{**cfg, **overrides})
+
+
+def _loop(tmp_path: Path, rows=None, model=None, accelerator=None, state=None, tokenizer=None, eval_set=None, **cfg):
+    cfg = _cfg(**cfg)
+    recipe = SimpleNamespace(training=cfg, data=SimpleNamespace(packing=False), eval=SimpleNamespace(every_n_steps=3, preserve=[]),
+                             run_dir=lambda: tmp_path)  # fmt: skip
+    model = model or Scalar()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    accelerator = accelerator or Accelerator(cpu=True, gradient_accumulation_steps=cfg.grad_accum)
+    tokenizer = tokenizer or SimpleNamespace(pad_token_id=0, eos_token_id=2)
+    method = SimpleNamespace(extra_loss=lambda m, b, o: None, after_step=lambda m, o, s: None)
+    rows = rows if rows is not None else Rows.of([3, 4, 5, 6])
+    return TrainingLoop(recipe, accelerator, model, optimizer, scheduler, method, tokenizer, rows, eval_set, Log(),
+                        state or TrainState())  # fmt: skip
+
+
+def _scored_mean(example: dict) -> float:
+    return float(example["input_ids"][0])  # every token holds the value
+
+
+def test_loop_setup(tmp_path):
+    loop = _loop(tmp_path, tokenizer=SimpleNamespace(pad_token_id=None, eos_token_id=2), state=TrainState(step=5, epoch=1, position=2))
+    stream = loop.stream
+    assert loop.pad_id == 2 and stream.pad_id == 2 and loop.saved_step == 5 and loop.retention is None
+    assert (stream.batch_size, stream.seed, stream.rank, stream.world, stream.epoch, stream.position, stream.packing) == (1, 0, 0, 1, 1, 2, False)
+    assert loop.metrics == [] and loop.sharded is False and loop.regularizers.extra_loss(None, None, None) is None
+    fresh = _loop(tmp_path, tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=2), seed=7, batch_size=2)
+    assert fresh.pad_id == 0 and fresh.saved_step is None and (fresh.stream.seed, fresh.stream.batch_size) == (7, 2)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_one_step_by_hand(tmp_path, grad_accum):
+    """SGD, lr 0.5: ``w <- w - 0.5 * mean_m(s_m)``; loss ``mean_m(w s_m)``; tokens ``sum_m len_m``."""
+    rows = Rows.of([3, 4, 5, 6], values=[2, 4, 6, 8])
+    loop = _loop(tmp_path, rows, grad_accum=grad_accum)
+    loop.model.eval()
+    order = [b[0] for b in epoch_batches(4, 1, 0, 0, 0, 1)][:grad_accum]
+    s = [_scored_mean(rows[i]) for i in order]
+    loss, tokens, seconds, grad_norm = loop.one_step()
+    assert loss == pytest.approx(sum(s) / grad_accum) and grad_norm == pytest.approx(sum(s) / grad_accum)
+    assert tokens == sum(len(rows[i]["input_ids"]) for i in order) and seconds > 0
+    assert float(loop.model.w) == pytest.approx(1 - 0.5 * sum(s) / grad_accum)
+    assert loop.model.training and loop.model.w.grad is None  # zeroed (set to None) after the update
+    st = loop.state
+    assert (st.step, st.epoch, st.position, st.tokens) == (1, 0, grad_accum, tokens)
+    loss2, tokens2, _, _ = loop.one_step()
+    assert loop.state.tokens == tokens + tokens2 and loop.state.step == 2
+
+
+def test_one_step_clips_and_calls_the_method_after_the_update(tmp_path):
+    rows = Rows.of([2, 2], values=[8, 8])
+    loop = _loop(tmp_path, rows, max_grad_norm=1.0)
+    seen = []
+    loop.method.after_step = lambda model, optimizer, step: seen.append((model, optimizer, step, float(model.w)))
+    _, _, _, grad_norm = loop.one_step()
+    assert grad_norm == pytest.approx(8.0)
+    assert float(loop.model.w) == pytest.approx(1 - 0.5 * 8 / (8 + 1e-6), rel=1e-6)  # torch: g * c / (|g| + 1e-6)
+    assert seen == [(loop.model, loop.optimizer, 1, pytest.approx(float(loop.model.w)))]
+
+
+def test_one_step_adds_the_extra_loss(tmp_path):
+    rows = Rows.of([2, 2], values=[3, 3])
+    loop = _loop(tmp_path, rows)
+    loop.method.extra_loss = lambda model, batch, outputs: model.w[0] * 10
+    loss, *_ = loop.one_step()
+    assert loss == pytest.approx(13.0) and float(loop.model.w) == pytest.approx(1 - 0.5 * 13)
+
+
+def test_non_finite_loss_stops_before_the_update(tmp_path):
+    loop = _loop(tmp_path, Rows.of([2, 2]), model=Scalar(float("nan")))
+    with pytest.raises(TrainingDiverged, match=r"^training diverged at step 1: the loss became nan;"):
+        loop.one_step()
+    assert loop.state.step == 0
+
+
+def test_an_update_that_poisons_the_weights_stops_at_its_step(tmp_path):
+    loop = _loop(tmp_path, Rows.of([2, 2]))
+    loop.method.after_step = lambda model, optimizer, step: model.w.data.fill_(float("inf"))
+    with pytest.raises(TrainingDiverged, match=r"^training diverged at step 1: the update made trainable weights or optimizer state non-finite;"):
+        loop.one_step()
+
+
+def test_extra_loss_sums_method_then_regularizers(tmp_path):
+    loop = _loop(tmp_path)
+    batch, outputs = object(), object()
+    calls = []
+
+    def term(value):
+        def extra(model, b, o):
+            calls.append((model, b, o))
+            return value
+
+        return extra
+
+    loop.method.extra_loss = term(torch.tensor(2.0))
+    loop.regularizers = SimpleNamespace(extra_loss=term(torch.tensor(5.0)))
+    assert float(loop.extra_loss(batch, outputs)) == 7.0
+    assert calls == [(loop.model, batch, outputs)] * 2
+    loop.method.extra_loss = term(None)
+    assert float(loop.extra_loss(batch, outputs)) == 5.0
+    loop.regularizers = SimpleNamespace(extra_loss=term(None))
+    assert loop.extra_loss(batch, outputs) is None
+    loop.method.extra_loss = term(torch.tensor(3.0))
+    assert float(loop.extra_loss(batch, outputs)) == 3.0
+
+
+class FakeAccelerator:
+    """Two ranks; the other holds 3.0, so sum = x + 3 and mean = (x + 3) / 2."""
+
+    num_processes, process_index, is_main_process, device = 2, 0, True, torch.device("cpu")
+    scaler = None
+
+    def reduce(self, t, reduction):
+        assert t.shape == (1,) and t.dtype == torch.float32
+        return {"sum": t + 3, "mean": (t + 3) / 2}[reduction]
+
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_means_and_sums_over_ranks(tmp_path):
+    loop = _loop(tmp_path)
+    assert loop._mean_over_ranks(1.5) == 1.5 and loop._sum_over_ranks(5) == 5  # one process: unchanged
+    loop.accelerator = FakeAccelerator()
+    assert loop._mean_over_ranks(1.0) == 2.0 and loop._sum_over_ranks(5) == 8.0
+
+
+def _with_grads(loop, *grads):
+    params = [nn.Parameter(torch.zeros(len(g))) for g in grads] + [nn.Parameter(torch.zeros(1))]  # the last: no grad
+    for p, g in zip(params, grads, strict=False):
+        p.grad = torch.tensor(g)
+    loop._trainable = lambda: params
+    return params
+
+
+def test_gradient_norm_clipped_or_measured(tmp_path):
+    loop = _loop(tmp_path, max_grad_norm=1.0)
+    loop.accelerator = FakeAccelerator()
+    params = _with_grads(loop, [3.0], [4.0])
+    assert loop._clip_gradients() == pytest.approx(5.0)
+    assert params[0].grad.item() == pytest.approx(0.6, rel=1e-5) and params[1].grad.item() == pytest.approx(0.8, rel=1e-5)
+    loop.cfg.max_grad_norm = None
+    params = _with_grads(loop, [3.0], [4.0])
+    assert loop._clip_gradients() == pytest.approx(5.0) and params[0].grad.item() == 3.0  # measured, not clipped
+    _with_grads(loop)
+    assert loop._clip_gradients() == 0.0  # no gradients at all
+    loop.accelerator.scaler = object()  # fp16 loss scaling without clipping: no norm
+    assert loop._clip_gradients() is None
+
+
+def test_sharded_clipping_uses_the_sharded_rule(tmp_path):
+    loop = _loop(tmp_path, max_grad_norm=1.0)
+    loop.sharded = True
+    params = _with_grads(loop, [6.0, 8.0])
+    assert loop._clip_gradients() == pytest.approx(10.0)
+    assert params[0].grad.tolist() == pytest.approx([0.6, 0.8], rel=1e-5)
+    assert loop._state_finite() is True
+
+
+def test_non_finite_gradient_diverges_unless_fp16_scaling(tmp_path):
+    loop = _loop(tmp_path, max_grad_norm=None)
+    loop.accelerator = FakeAccelerator()
+    _with_grads(loop, [float("inf")])
+    with pytest.raises(TrainingDiverged, match=r"^training diverged at step 1: the gradient norm became inf;"):
+        loop._clip_gradients()
+    loop.cfg.max_grad_norm = 1.0
+    loop.accelerator.scaler = object()
+    assert loop._clip_gradients() == math.inf
+
+
+def test_state_finite_checks_weights_and_moments(tmp_path):
+    model = Scalar()
+    loop = _loop(tmp_path, model=model)
+    loop.optimizer = torch.optim.Adam(model.parameters())
+    model(torch.tensor([[1, 2]]), labels=torch.tensor([[1, 2]])).loss.backward()
+    loop.optimizer.step()
+    assert loop._state_finite() is True
+    loop.optimizer.state[model.w]["exp_avg"].fill_(float("nan"))
+    assert loop._state_finite() is False
+    loop.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.w.data.fill_(float("-inf"))
+    assert loop._state_finite() is False
+
+
+def _intact_checkpoint(run_dir: Path, step: int) -> Path:
+    model = nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = SimpleNamespace(trainable_state=lambda m: {"w": m.weight}, state_dict=lambda: {})
+    return save_checkpoint(run_dir, TrainState(step=step), method, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 2)
+
+
+def test_divergence_message_names_the_good_checkpoint_and_the_fix(tmp_path):
+    loop = _loop(tmp_path, lr=0.5, state=TrainState(step=6))
+    with pytest.raises(TrainingDiverged) as err:
+        loop._diverged("the loss became nan")
+    assert str(err.value) == (
+        "training diverged at step 7: the loss became nan; stopped without saving it (no checkpoint was saved before it). "
+        "Lower the learning rate (training.lr is 0.5; try --set training.lr=0.05), "
+        "enable clipping (training.max_grad_norm), or check the data."
+    )
+    good = _intact_checkpoint(tmp_path, 4)
+    loop.cfg.lr = math.inf
+    with pytest.raises(TrainingDiverged) as err:
+        loop._diverged("x", step=6)
+    assert str(err.value) == (
+        f"training diverged at step 6: x; stopped without saving it (the last good checkpoint is {good}). "
+        "Lower the learning rate (training.lr is inf; try --resume --allow-changes --set training.lr=1e-4), "
+        "enable clipping (training.max_grad_norm), or check the data."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# after a step: progress, metrics, eval, retention, checkpoints
+# ---------------------------------------------------------------------------------------------
+class Progress:
+    def __init__(self):
+        self.updates = []
+
+    def update(self, step, loss, lr, tokens_per_s):
+        self.updates.append((step, loss, lr, tokens_per_s))
+
+
+class Scheduler:
+    def get_last_lr(self):
+        return [0.25, 0.5]  # group 0 is the one reported
+
+
+def test_after_step_logs_evaluates_measures_and_saves_on_their_steps(tmp_path):
+    loop = _loop(tmp_path, max_steps=7, log_every=3, eval_every=2, save_every=4)
+    loop.eval_set = ["row"]
+    loop.scheduler = Scheduler()
+    loop.eval_loss = lambda: 1.5
+    loop.retention = SimpleNamespace(measure=lambda model: {"retention": 0.9 if model is loop.model else None})
+    saved = []
+    loop.checkpoint = lambda: saved.append(loop.state.step)
+    progress = Progress()
+    for step in range(1, 8):
+        loop.state.step, loop.state.tokens = step, 100 * step
+        loop.after_step(2.0 + step, tokens=10, seconds=0.5, grad_norm=None if step == 6 else 0.1, progress=progress)
+    assert progress.updates == [(s, 2.0 + s, 0.25, 20.0) for s in range(1, 8)]
+    train = {"lr": 0.25, "tokens_per_s": 20.0, "step_seconds": 0.5}
+    assert loop.metrics == [
+        {"step": 2, "eval_loss": 1.5},
+        {"step": 3, "loss": 5.0, **train, "grad_norm": 0.1, "tokens": 300},
+        {"step": 3, "retention": 0.9},
+        {"step": 4, "eval_loss": 1.5},
+        {"step": 6, "loss": 8.0, **train, "tokens": 600},  # a None grad norm is left out
+        {"step": 6, "eval_loss": 1.5},
+        {"step": 6, "retention": 0.9},
+        {"step": 7, "loss": 9.0, **train, "grad_norm": 0.1, "tokens": 700},  # the last step is always logged
+    ]
+    assert loop.log.lines == loop.metrics and saved == [4]
+
+
+def test_after_step_without_eval_set_retention_or_saving(tmp_path):
+    loop = _loop(tmp_path, max_steps=5, log_every=10, eval_every=1, save_every=0)
+    loop.scheduler = Scheduler()
+    loop.eval_loss = lambda: pytest.fail("no eval set")
+    loop.checkpoint = lambda: pytest.fail("save_every 0")
+    progress = Progress()
+    for step in (1, 5):
+        loop.state.step = step
+        loop.after_step(1.0, tokens=3, seconds=0.0, grad_norm=0.2, progress=progress)
+    assert progress.updates[0] == (1, 1.0, 0.25, pytest.approx(3e9))  # seconds clamped to 1e-9
+    assert [m["step"] for m in loop.metrics] == [5]
+
+
+def test_eval_loss_is_the_token_weighted_mean(tmp_path):
+    """Rows of 3, 2, 4 and 1 tokens (2, 1, 3, 0 scored) valued 1, 2, 3, 4 in batches of 2:
+    ``(2*1 + 1*2 + 3*3) / 6 = 13 / 6`` (the one-token row scores nothing)."""
+    eval_set = Rows.of([3, 2, 4, 1])
+    loop = _loop(tmp_path, eval_set=eval_set, batch_size=2)
+    loop.model.train()
+    assert loop.eval_loss() == pytest.approx(13 / 6) and not loop.model.training
+    assert loop.model.calls == 2
+    loop.eval_set = Rows.of([1])
+    assert loop.eval_loss() == 0.0  # nothing scored: 0 / max(0, 1)
+    loop.accelerator = FakeAccelerator()
+    loop.eval_set = Rows.of([2, 2], values=[1, 1])
+    assert loop.eval_loss() == pytest.approx((1.0 + 3) / 2)
+
+
+def test_checkpoint_saves_once_per_step_on_the_main_process(tmp_path):
+    loop = _loop(tmp_path, keep_last=1, state=TrainState(step=2, epoch=0, position=2))
+    loop.method.trainable_state = lambda model: {"w": model.w}
+    loop.method.state_dict = lambda: {}
+    assert loop.checkpoint() == tmp_path / "checkpoint-000002" and list_checkpoints(tmp_path) == []  # resumed: exists
+    loop.state.step = 3
+    path = loop.checkpoint()
+    assert path == tmp_path / "checkpoint-000003" and loop.saved_step == 3
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-000003"]
+    stamp = (path / "state.pt").stat().st_mtime_ns
+    assert loop.checkpoint() == path and (path / "state.pt").stat().st_mtime_ns == stamp
+    loop.state.step = 4
+    loop.model.w.data.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match=r"^training diverged at step 4: trainable weights or optimizer state are non-finite;"):
+        loop.checkpoint()
+    loop.model.w.data.fill_(1.0)
+    loop.accelerator = FakeAccelerator()
+    loop.accelerator.is_main_process = False
+    assert loop.checkpoint() is None and loop.saved_step == 4 and [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-000003"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the run loop
+# ---------------------------------------------------------------------------------------------
+def _scripted(loop, interrupt_at: int | None = None, interrupt=KeyboardInterrupt):
+    """``one_step`` returns loss ``10 + step``; ``after_step`` and ``checkpoint`` are recorded."""
+    calls = {"after": [], "saved": []}
+
+    def one_step():
+        if loop.state.step + 1 == interrupt_at:
+            raise interrupt
+        loop.state.step += 1
+        return 10.0 + loop.state.step, 5, 0.1, 0.2
+
+    loop.one_step = one_step
+    loop.after_step = lambda loss, tokens, seconds, grad_norm, progress: calls["after"].append((loss, tokens, seconds, grad_norm))
+    loop.checkpoint = lambda interrupted=False: calls["saved"].append((loop.state.step, interrupted)) or tmp_path_of(loop)
+    return calls
+
+
+def tmp_path_of(loop) -> Path:
+    return loop.recipe.run_dir() / f"checkpoint-{loop.state.step:06d}"
+
+
+@pytest.mark.parametrize("save_every, final_save", [(0, True), (3, False), (4, True)])
+def test_run_steps_to_the_end_and_saves_the_last_step_once(tmp_path, monkeypatch, save_every, final_save):
+    monkeypatch.setattr("preserve_core.retention.RetentionTracker.maybe", lambda recipe, tok, acc, model: "tracker")
+    loop = _loop(tmp_path, max_steps=6, save_every=save_every)
+    calls = _scripted(loop)
+    result = loop.run(show_progress=False)
+    assert calls["after"] == [(10.0 + s, 5, 0.1, 0.2) for s in range(1, 7)] and loop.retention == "tracker"
+    assert calls["saved"] == ([(6, False)] if final_save else [])
+    assert (result.run_dir, result.final_dir, result.steps, result.final_loss) == (tmp_path, None, 6, 16.0)
+    assert not result.interrupted and not result.terminated and result.metrics is loop.metrics
+
+
+def test_run_at_max_steps_does_nothing(tmp_path):
+    loop = _loop(tmp_path, max_steps=3, state=TrainState(step=3))
+    calls = _scripted(loop)
+    result = loop.run(show_progress=False)
+    assert calls["after"] == [] and result.steps == 3 and math.isnan(result.final_loss)
+
+
+@pytest.mark.parametrize("terminated", [False, True])
+def test_an_interrupt_saves_and_says_so(tmp_path, capsys, terminated):
+    from preserve_core.guards import Terminated
+
+    loop = _loop(tmp_path, max_steps=6)
+    calls = _scripted(loop, interrupt_at=3, interrupt=Terminated() if terminated else KeyboardInterrupt())
+    result = loop.run(show_progress=False)
+    assert calls["saved"] == [(2, True)]
+    assert result.interrupted and result.terminated == terminated and (result.steps, result.final_loss) == (2, 12.0)
+    assert result.final_dir is None and result.run_dir == tmp_path and result.metrics is loop.metrics
+    what = "Terminated (SIGTERM)" if terminated else "Interrupted"
+    assert capsys.readouterr().err == f"{what}: saved {tmp_path / 'checkpoint-000002'}. Continue with --resume.\n"
+
+
+def test_an_interrupt_on_another_rank_is_silent(tmp_path, capsys):
+    loop = _loop(tmp_path, max_steps=6)
+    loop.accelerator = FakeAccelerator()
+    loop.accelerator.is_main_process = False
+    _scripted(loop, interrupt_at=1)
+    assert loop.run(show_progress=True).interrupted
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_bar_only_when_asked_on_the_main_process(tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(training, "TrainingProgress", lambda total, start, enabled: made.append((total, start, enabled)) or _NoBar())
+    for show in (True, False):
+        loop = _loop(tmp_path, max_steps=4, state=TrainState(step=1))
+        _scripted(loop)
+        loop.run(show_progress=show)
+    assert made == [(4, 1, True), (4, 1, False)]
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, *args, **kwargs):
+        pass
