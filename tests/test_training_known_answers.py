@@ -210,7 +210,7 @@ def test_one_step_by_hand(tmp_path, grad_accum):
     loss, tokens, seconds, grad_norm = loop.one_step()
     assert loss == pytest.approx(sum(s) / grad_accum) and grad_norm == pytest.approx(sum(s) / grad_accum)
     assert tokens == sum(len(rows[i]["input_ids"]) for i in order) and seconds > 0
-    assert float(loop.model.w) == pytest.approx(1 - 0.5 * sum(s) / grad_accum)
+    assert float(loop.model.w.detach()) == pytest.approx(1 - 0.5 * sum(s) / grad_accum)
     assert loop.model.training and loop.model.w.grad is None  # zeroed (set to None) after the update
     st = loop.state
     assert (st.step, st.epoch, st.position, st.tokens) == (1, 0, grad_accum, tokens)
@@ -559,3 +559,130 @@ class _NoBar:
 
     def update(self, *args, **kwargs):
         pass
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest, export, method setup, resume restore
+# ---------------------------------------------------------------------------------------------
+def test_manifest_extra_fields(tmp_path):
+    import hashlib
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    model[0].requires_grad_(False)  # 8 frozen, 3 trainable
+    recipe = SimpleNamespace(method=SimpleNamespace(name="lora", regularizers=[SimpleNamespace(name="ewc"), SimpleNamespace(name="kl")]),
+                             data=SimpleNamespace(train=str(data)))  # fmt: skip
+    method = SimpleNamespace(ctx=SimpleNamespace(target_modules=["0", "1"]))
+    truncation = SimpleNamespace(limit=32, truncated=1)
+    extra = training._manifest_extra(recipe, "fp", model, method, truncation, 5, SimpleNamespace(num_processes=1))
+    assert extra == {
+        "model_fingerprint": "fp",
+        "method": "lora",
+        "regularizers": ["ewc", "kl"],
+        "target_modules": ["0", "1"],
+        "trainable_parameters": 3,
+        "data": {"train": str(data), "train_sha256": hashlib.sha256(data.read_bytes()).hexdigest(), "examples": 5},
+        "truncation": {"limit": 32, "truncated": 1},
+        "num_processes": 1,
+        "torch_threads": torch.get_num_threads(),
+        "distributed": "none",
+    }
+    for processes, kind in ((2, "ddp"), (3, "ddp")):
+        assert training._manifest_extra(recipe, "fp", model, method, truncation, 5, SimpleNamespace(num_processes=processes))["distributed"] == kind
+
+
+class Exporter:
+    """``export`` writes a ``config.json`` (full weights) at the top, and in ``merged/`` when merging."""
+
+    base_ref = "org/base-model"
+
+    def __init__(self):
+        self.calls = []
+
+    def export(self, model, folder, tokenizer, merge):
+        self.calls.append((model, folder.name, tokenizer, merge))
+        (folder / "config.json").write_text("{}")
+        if merge:
+            (folder / "merged").mkdir()
+            (folder / "merged" / "config.json").write_text("{}")
+
+
+def test_export_final_renames_a_complete_folder_with_model_cards(tmp_path):
+    from preserve_core.models import write_model_card
+
+    recipe = SimpleNamespace(run_dir=lambda: tmp_path, output=SimpleNamespace(merge=True))
+    for stale in ("final", ".tmp-final"):
+        (tmp_path / stale).mkdir()
+        (tmp_path / stale / "junk").write_text("x")
+    method, model, tokenizer = Exporter(), nn.Linear(1, 1), object()
+    final = training.export_final(recipe, FakeAccelerator(), method, model, tokenizer)
+    assert final == tmp_path / "final" and not (tmp_path / ".tmp-final").exists()
+    assert method.calls == [(model, ".tmp-final", tokenizer, True)]
+    assert sorted(p.name for p in final.iterdir()) == ["README.md", "config.json", "merged"]
+    (tmp_path / "card").mkdir()
+    write_model_card(tmp_path / "card", "org/base-model")
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert (final / "README.md").read_text() == card and (final / "merged" / "README.md").read_text() == card
+
+
+def test_export_final_on_another_rank_writes_nothing(tmp_path):
+    recipe = SimpleNamespace(run_dir=lambda: tmp_path, output=SimpleNamespace(merge=False))
+    accelerator = FakeAccelerator()
+    accelerator.is_main_process = False
+    method = Exporter()
+    assert training.export_final(recipe, accelerator, method, nn.Linear(1, 1), None) == tmp_path / "final"
+    assert method.calls == [] and list(tmp_path.iterdir()) == []
+
+
+def test_export_final_without_full_weights_has_no_card(tmp_path):
+    class AdapterOnly(Exporter):
+        def export(self, model, folder, tokenizer, merge):
+            self.calls.append(merge)
+            (folder / "adapter_model.safetensors").write_text("")
+
+    recipe = SimpleNamespace(run_dir=lambda: tmp_path / "nested" / "run", output=SimpleNamespace(merge=False))
+    final = training.export_final(recipe, FakeAccelerator(), AdapterOnly(), nn.Linear(1, 1), None)
+    assert [p.name for p in final.iterdir()] == ["adapter_model.safetensors"]
+
+
+def test_setup_method_builds_the_context_and_calibrates_only_when_needed(write_recipe, monkeypatch):
+    from preserve_core.models import load_model, load_tokenizer, resolve_target_modules
+    from preserve_core.recipe import load_recipe
+
+    recipe = load_recipe(write_recipe(model={"target_modules": ["q_proj", "v_proj"]}))
+    accelerator = Accelerator(cpu=True)
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_model(recipe.model, accelerator.device)
+    targets = resolve_target_modules(model, ["q_proj", "v_proj"])
+    method, prepared, regularizers = training.setup_method(recipe, model, tokenizer, accelerator)
+    ctx = method.ctx
+    assert type(method).__name__ == "Lora" and len(regularizers) == 0
+    assert (ctx.recipe, ctx.tokenizer, ctx.target_modules, ctx.device, ctx.calibration, ctx.is_main_process) == (
+        recipe, tokenizer, targets, accelerator.device, None, True)  # fmt: skip
+    assert len(targets) == 4 and any("lora_A" in n for n, _ in prepared.named_parameters())
+    calls = []
+    monkeypatch.setattr("preserve_core.calibration.ensure_calibration", lambda *args: calls.append(args) or "stats")
+    monkeypatch.setattr(training, "regularizer_needs", lambda regs: {"preserve"})
+    model = load_model(recipe.model, accelerator.device)
+    method, _, _ = training.setup_method(recipe, model, tokenizer, accelerator)
+    assert method.ctx.calibration == "stats" and calls == [(recipe, model, tokenizer, type(method), accelerator)]
+
+
+def test_restore_keeps_the_checkpoint_schedule_or_applies_accepted_changes(tmp_path):
+    def build(lr):
+        model = nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+
+    model, opt, sched = build(0.1)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    method = SimpleNamespace(trainable_state=lambda m: {"weight": m.weight}, state_dict=lambda: {},
+                             load_trainable_state=lambda m, s: None)  # fmt: skip
+    path = save_checkpoint(tmp_path, TrainState(step=3), method, model, opt, sched, 2)
+    for changes, lr in (({}, 0.1 / 4), ({"training.lr": [0.1, 0.01]}, 0.01 / 4)):
+        model, opt, sched = build(0.01)
+        state = training._restore(training.ResumePoint(path, changes), method, model, opt, sched, None)
+        assert state.step == 3 and opt.param_groups[0]["lr"] == pytest.approx(lr) and sched.last_epoch == 3
