@@ -174,6 +174,14 @@ class CalibrationConfig(StrictModel):
     task_positions: Literal["loss", "all"] = Field("loss", description="Task statistics over loss-masked tokens or all.")
     max_task_examples: int | None = Field(512, gt=0)
     stats_batch_size: int = Field(16, gt=0)
+    stats_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Most GB (1e9 bytes) the statistics' running sums may hold on the device at once; when all "
+        "layer inputs' sums need more, the inputs are split into groups, one pass over the calibration data per "
+        "group (each stopping after its group's last layer). None: 3/4 of the free GPU memory on CUDA, no limit "
+        "elsewhere. Same statistics whatever the value (not part of the calibration identity).",
+    )
     fisher_samples: int = Field(256, gt=0, description="Preserve sequences for the EWC Fisher.")
     kl_topk: int = Field(32, gt=0, description="Top-k base log-probs cached for the kl method.")
     dir: PathText | None = Field(None, description="Where calibration output lives (default <output.dir>/calibration).")

@@ -24,7 +24,9 @@ from preserve_core.calibration import (
 )
 from preserve_core.calibration.layout import discover_layout, group_key
 from preserve_core.calibration.sampling import degenerate_reason, sample_preserve_texts
-from preserve_core.calibration.stats import add_gram_upper, fill_lower, pack_upper, unpack_symmetric
+from preserve_core.calibration.dist import Dist
+from preserve_core.calibration.gram import UpperGram, fill_lower, pack_upper, unpack_symmetric, upper_gram_bytes
+from preserve_core.calibration.stats import accumulate_input_stats, input_dims, plan_passes, stats_budget_bytes
 from preserve_core.errors import PPFTError, RecipeError
 from preserve_core.methods import METHODS
 from preserve_core.methods.base import PRESERVE_STATS, TASK_STATS
@@ -154,14 +156,28 @@ def test_padding_does_not_change_stats_and_lm_head_is_skipped(model_and_tokenize
 
 
 @pytest.mark.parametrize("blocks", [1, 3, 4])
-def test_blocked_upper_gram_equals_full_product(blocks):
+def test_upper_gram_blocks_hold_the_triangle_of_the_full_product(blocks):
     g = torch.Generator().manual_seed(0)
     chunks = [torch.randn(n_rows, 203, generator=g) for n_rows in (50, 17)]  # width not divisible by blocks
-    acc = torch.zeros(203, 203)
+    gram = UpperGram(203, blocks=blocks)
     for x in chunks:
-        add_gram_upper(acc, x, blocks)
+        gram.add_(x)
     full = torch.cat(chunks).double()
-    torch.testing.assert_close(fill_lower(acc).double(), full.T @ full, rtol=1e-5, atol=1e-4)
+    reference = full.T @ full
+    torch.testing.assert_close(gram.full().double(), reference, rtol=1e-5, atol=1e-4)
+    # by hand: edges round(i * 203 / b); block j is [h_j, 203 - e_j]
+    floats = {1: 203 * 203, 3: 68 * 203 + 67 * 135 + 68 * 68, 4: 51 * 203 + 51 * 152 + 50 * 101 + 51 * 51}[blocks]
+    assert gram.nbytes() == upper_gram_bytes(203, blocks) == 4 * floats
+    expected_packed = torch.cat([reference[i, i:] for i in range(203)])
+    torch.testing.assert_close(gram.pop_packed().double(), expected_packed, rtol=1e-5, atol=1e-4)
+    assert gram.blocks == [] and gram.nbytes() == 0  # emptied as it was packed
+
+
+def test_upper_gram_bytes_at_real_widths():
+    """8 blocks of 512 rows at width 4096: sum_j 512 (4096 - 512 j) = 9/16 of 4096^2; narrow inputs: n^2."""
+    assert upper_gram_bytes(4096) == 4 * 4096 * 4096 * 9 // 16
+    assert upper_gram_bytes(14336) == 4 * 14336 * 14336 * 9 // 16  # 8 blocks of 1792 rows
+    assert upper_gram_bytes(100) == 4 * 100 * 100
 
 
 def test_packed_triangle_round_trip_and_fill_lower():
@@ -177,6 +193,61 @@ def test_packed_triangle_round_trip_and_fill_lower():
     assert torch.equal(fill_lower(garbage_below), torch.triu(full) + torch.triu(full, 1).T)
     with pytest.raises(ValueError, match="width 6"):
         unpack_symmetric(packed, 6)
+
+
+def test_plan_passes_cuts_forward_order_by_budget(model_and_tokenizer):
+    """Tiny model: per layer inputs of width 32 (attention), 32 (o_proj), 32 (MLP), 64 (down_proj), all
+    narrower than 128 so each sum is a full n^2 block: 4096, 4096, 4096 and 16384 bytes."""
+    model, _ = model_and_tokenizer
+    names = resolve_target_modules(model, None)
+    layout = discover_layout(model, names, torch.device("cpu"))
+    dims = input_dims(model, layout)
+    assert [dims[k] for k in layout.keys] == [32, 32, 32, 64] * 2
+    assert [upper_gram_bytes(dims[k]) for k in layout.keys[:4]] == [4096, 4096, 4096, 16384]
+    keys = layout.keys  # target order is forward order here
+    assert plan_passes(layout, dims, None) == [keys]
+    assert plan_passes(layout, dims, 10**9) == [keys]
+    assert plan_passes(layout, dims, 8192) == [keys[0:2], keys[2:3], keys[3:4], keys[4:6], keys[6:7], keys[7:8]]
+    assert plan_passes(layout, dims, 1) == [[k] for k in keys]  # a key wider than the budget: alone
+    assert plan_passes(layout, dims, 28672) == [keys[0:4], keys[4:8]]
+
+
+@pytest.mark.parametrize("which", ["tiny", "wide"])
+def test_grouped_passes_give_the_same_stats_and_stop_early(model_and_tokenizer, wide_model, which):
+    """Any budget: bitwise the same sums (the same updates per key) as one pass, equal to a float64
+    Gram of the captured inputs; each pass goes only as deep as its last layer."""
+    model = model_and_tokenizer[0] if which == "tiny" else wide_model
+    names = resolve_target_modules(model, None)
+    batches = [padded_batch(), {k: v[:2] for k, v in padded_batch().items()}]
+    inputs = [captured_inputs(model, names, b) for b in batches]
+    first, last = names[0], names[-1]
+    calls = {first: 0, last: 0}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: calls.__setitem__(n, calls[n] + 1))
+             for n in calls]  # fmt: skip
+    try:
+        one = accumulate_input_stats(model, names, batches, "loss")
+        assert calls == {first: 1 + 2, last: 1 + 2}  # probe + one pass over two batches
+        calls.update({first: 0, last: 0})
+        split = accumulate_input_stats(model, names, batches, "loss", budget_bytes=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    passes = len(one.layout.keys)
+    assert calls == {first: 1 + 2 * passes, last: 1 + 2}  # every pass runs layer 0; only the last reaches the end
+    for key in one.layout.keys:
+        assert torch.equal(one.sums[key].full(), split.sums[key].full())
+        assert one.counts[key] == split.counts[key]
+    for name, key in one.layout.module_to_key.items():
+        x = torch.cat([inp[name][token_mask(b, "loss")] for inp, b in zip(inputs, batches, strict=True)])
+        torch.testing.assert_close(split.sums[key].full().double(), x.T @ x, rtol=1e-5, atol=1e-5)
+        assert split.counts[key] == x.shape[0]
+
+
+def test_stats_budget_bytes(monkeypatch):
+    assert stats_budget_bytes(2.5, torch.device("cpu")) == 2_500_000_000
+    assert stats_budget_bytes(None, torch.device("cpu")) is None  # no limit off CUDA: one pass
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8_000_000_000, 80_000_000_000))
+    assert stats_budget_bytes(None, torch.device("cuda", 0), Dist()) == 6_000_000_000  # 3/4 of the free memory
 
 
 def test_group_key_and_effective_ranks():
@@ -286,6 +357,23 @@ def test_run_save_load_and_reuse(write_recipe, model_and_tokenizer):
     assert ensure_calibration(recipe, model, tokenizer, ExtraLora).reused
     changed = load_recipe(write_recipe(calibration={**FAST, "seed": 3}))
     assert not ensure_calibration(changed, model, tokenizer, ExtraLora).reused
+
+
+def test_memory_budget_gives_the_same_folder_and_keeps_its_identity(write_recipe, model_and_tokenizer, capsys):
+    """stats_memory_gb small enough for one input at a time: the same C_p and C_t files, bit for bit, and
+    the same identity (the budget is not a setting the output depends on), so the default run reuses it."""
+    model, tokenizer = model_and_tokenizer
+    one = run_calibration(load_recipe(write_recipe("one", calibration=FAST)), model, tokenizer, Lora, stats=["preserve", "task"])
+    assert "passes over the data" not in capsys.readouterr().err
+    budget = {**FAST, "stats_memory_gb": 5e-6, "dir": str(one.dir.parent / "split")}  # 5000 bytes: one input (<= 16384)
+    split = run_calibration(load_recipe(write_recipe("split", calibration=budget)), model, tokenizer, Lora,
+                            stats=["preserve", "task"])  # fmt: skip
+    assert "8 passes over the data per statistic" in capsys.readouterr().err.replace("\n", "")
+    for name in ("preserve_stats.safetensors", "task_stats.safetensors"):
+        left, right = load_file(one.dir / name), load_file(split.dir / name)
+        assert list(left) == list(right) and all(torch.equal(left[k], right[k]) for k in left)
+    assert one.manifest["settings_hash"] == split.manifest["settings_hash"]
+    assert one.manifest["counts"] == split.manifest["counts"]
 
 
 class PreserveOnly(Lora):

@@ -75,7 +75,7 @@ FIELDS = {
     ("calibration", "top_p"): "(0,1]", ("calibration", "seed"): "seed", ("calibration", "min_new_tokens"): "int>=0",
     ("calibration", "max_repeat_fraction"): "(0,1]", ("calibration", "max_task_examples"): "int>0|null",
     ("calibration", "stats_batch_size"): "int>0", ("calibration", "fisher_samples"): "int>0",
-    ("calibration", "kl_topk"): "int>0",
+    ("calibration", "kl_topk"): "int>0", ("calibration", "stats_memory_gb"): "float>0|null",
     ("eval", "batch_size"): "int>0", ("eval", "every_n_steps"): "int>=0", ("eval", "fail_on_regression"): "float>=0|null",
     ("eval", "target", 0, "limit"): "int>0|null", ("eval", "target", 0, "max_new_tokens"): "int>0",
     ("bench", "kl_limit"): "int>0", ("bench", "tasks", 0, "max_new_tokens"): "int>0",

@@ -1,7 +1,7 @@
 """What a calibration output depends on, as three hashes checked before reuse.
 
 - ``model_fingerprint``: :func:`preserve_core.models.model_fingerprint` of the unwrapped model.
-- ``settings_hash``: the ``calibration:`` section (less ``dir``), the resolved target layers, the
+- ``settings_hash``: the ``calibration:`` section (less ``dir`` and ``stats_memory_gb``), the resolved target layers, the
   task tokenization settings and the tokenizer's vocabulary.
 - ``data_hash``: the task data file (sha256; the name for hub / lab refs) and, for
   ``preserve_source: dataset``, the preserve data file.
@@ -29,7 +29,7 @@ def tokenizer_hash(tokenizer) -> str:
 
 def calibration_settings(recipe, model: nn.Module, tokenizer) -> dict:
     """The settings an output is a function of (besides weights and data)."""
-    calibration = recipe.calibration.model_dump(mode="json", exclude={"dir"})
+    calibration = recipe.calibration.model_dump(mode="json", exclude={"dir", "stats_memory_gb"})  # neither changes the output
     data = recipe.data.model_dump(mode="json", exclude={"train", "eval"})
     return {
         "calibration": calibration,

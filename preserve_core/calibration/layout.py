@@ -23,12 +23,27 @@ class InputLayout:
     calls_per_forward: how often each layer ran in the probe (0: never, e.g. an unused expert).
     stop_after: (layer, n) such that no target runs after the n-th call of that layer in a forward
     pass, or None unless every layer ran exactly once (a static call pattern).
+    call_order: the target layers in the order the probe called them (a layer per call).
     """
 
     keys: list[str]
     module_to_key: dict[str, str]
     calls_per_forward: dict[str, int]
     stop_after: tuple[str, int] | None
+    call_order: list[str]
+
+    def keys_in_call_order(self) -> list[str]:
+        """``keys`` ordered by the first call of any of their layers (never-called keys last)."""
+        called = list(dict.fromkeys(self.module_to_key[n] for n in self.call_order))
+        return called + [k for k in self.keys if k not in called]
+
+    def stop_after_keys(self, keys: set[str]) -> tuple[str, int] | None:
+        """Where a pass that only needs ``keys`` can stop: after the last call of their layers
+        (None unless the call pattern is static, as for :attr:`stop_after`)."""
+        if self.stop_after is None:
+            return None
+        last = [n for n in self.call_order if self.module_to_key[n] in keys]
+        return (last[-1], 1) if last else None
 
 
 def group_key(names: list[str]) -> str:
@@ -96,4 +111,4 @@ def discover_layout(model: nn.Module, module_names: list[str], device: torch.dev
     static = all(c == 1 for c in counts.values()) and not _has_experts(model)
     stop_after = (calls[-1][0], 1) if static else None
     keys = list(dict.fromkeys(module_to_key[n] for n in module_names))
-    return InputLayout(keys, module_to_key, counts, stop_after)
+    return InputLayout(keys, module_to_key, counts, stop_after, [name for name, _ in calls])

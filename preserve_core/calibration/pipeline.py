@@ -21,7 +21,8 @@ from .dist import Dist
 from .identity import calibration_identity, same_identity
 from .sampling import sample_preserve_texts
 from .layout import InputLayout, discover_layout
-from .stats import accumulate_input_stats, input_dims
+from .gram import upper_gram_bytes
+from .stats import input_dims, input_stats_passes, plan_passes, stats_budget_bytes
 from .store import (
     EXTRAS,
     FORMAT,
@@ -158,24 +159,46 @@ class StatsResult:
 
 def compute_stats(recipe, model: nn.Module, tokenizer, sequences: list[list[int]], which: list[str], dist: Dist) -> StatsResult:
     """C_p (preserve ``sequences``, every token) and/or C_t (task examples, ``task_positions``), one after
-    the other: each statistic's [n, n] sums leave the device (packed, to the CPU) before the next starts."""
+    the other, each in as many passes as ``calibration.stats_memory_gb`` asks (:func:`.stats.plan_passes`):
+    a pass's sums leave the device (packed, to the CPU) before the next pass starts."""
     cfg = recipe.calibration
     targets = resolve_target_modules(model, recipe.model.target_modules)
-    layout = discover_layout(model, targets, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    layout = discover_layout(model, targets, device)
     result = StatsResult(layout, input_dims(model, layout))
+    budget = stats_budget_bytes(cfg.stats_memory_gb, device, dist)
+    if dist.is_main:
+        _note_passes(plan_passes(layout, result.dims, budget), result.dims, budget)
     for w in which:
         if w == "preserve":
             batches, positions = preserve_batches(sequences, tokenizer, recipe.data.max_length, cfg.stats_batch_size), "all"
         else:
             (batches, result.n_task), positions = task_batches(recipe, tokenizer), cfg.task_positions
-        stats = accumulate_input_stats(model, targets, batches, positions, dist)
-        _check_counts(w, stats.counts)
+        counts, covs = {}, {}
+        for part in input_stats_passes(model, targets, batches, positions, dist, budget):
+            counts |= part.counts
+            covs |= part.pop_packed_covs("cpu") if dist.is_main else {}
+            del part
+        counts = {k: counts[k] for k in layout.keys}
+        _check_counts(w, counts)
         if dist.is_main:
-            warn_thin(w, stats.counts, result.dims)
-        result.counts[w] = stats.counts
-        result.covs[w] = stats.pop_packed_covs("cpu") if dist.is_main else {}
-        del stats
+            warn_thin(w, counts, result.dims)
+        result.counts[w] = counts
+        result.covs[w] = {k: covs[k] for k in layout.keys} if dist.is_main else {}
     return result
+
+
+def _note_passes(passes: list[list[str]], dims: dict[str, int], budget: int | None) -> None:
+    """Say so when the statistics take more than one pass over the data."""
+    if len(passes) == 1:
+        return
+    need = sum(upper_gram_bytes(n) for n in dims.values())
+    widest = max(upper_gram_bytes(n) for n in dims.values())
+    floor = f"; the widest input alone needs {widest / 1e9:.2f} GB" if widest > budget else ""
+    notice(
+        f"calibration statistics: {len(passes)} passes over the data per statistic, to hold at most "
+        f"{budget / 1e9:.2f} GB of sums at once (all {len(dims)} inputs together: {need / 1e9:.2f} GB){floor}"
+    )
 
 
 def _write(directory: Path, manifest: dict, preserve: tuple, result: StatsResult, extras: dict) -> None:

@@ -2,19 +2,25 @@
 
 For a target layer ``y = W x`` with ``x`` in R^n and the selected token positions ``1..N``::
 
-    S = sum_i x_i x_i^T   (float32 [n, n], summed over batches and ranks)
+    S = sum_i x_i x_i^T   (float32, summed over batches and ranks; held as its upper row blocks,
+                           about 9/16 of n^2, see :mod:`.gram`)
     C = S / N
 
 Forward pre-hooks read ``x`` (shape [B, T, n]) under ``torch.no_grad``; a token mask [B, T] picks
 the positions that count. Layers reading the same input tensor (see :mod:`.layout`) share one
 ``S``: only the first hook that sees a tensor object in a forward pass adds it. When every target
 layer runs once per forward, the pass stops right after the last one (no final norm, no LM head).
+
+With a memory budget the inputs are covered in several passes over the same batches, each holding
+the sums of one group of consecutive inputs and stopping after the group's last layer: pass ``g``
+costs a forward through the layers up to its group's last, so ``G`` equal groups cost about
+``(G + 1) / 2`` forwards' worth of layers instead of one; the Gram work is unchanged.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +28,7 @@ from torch import nn
 
 from ..errors import PPFTError
 from .dist import Dist
+from .gram import UpperGram, upper_gram_bytes
 from .layout import InputLayout, discover_layout
 
 IGNORE = -100
@@ -52,46 +59,46 @@ def token_mask(batch: dict[str, torch.Tensor], positions: str) -> torch.Tensor:
 
 @dataclass
 class InputStats:
-    """Summed second moments per input key, reduced over ranks.
+    """Summed second moments of some input keys, reduced over ranks.
 
-    sums[key]: float32 [n, n] whose upper triangle (diagonal included) holds ``sum_i x_i x_i^T``
-    (below it: unspecified until :func:`fill_lower`); counts[key]: N, the tokens summed.
+    sums[key]: the :class:`UpperGram` of ``sum_i x_i x_i^T`` (its upper row blocks, float32);
+    counts[key]: N, the tokens summed. ``layout`` is the whole model's, whichever keys are here.
     """
 
     layout: InputLayout
-    sums: dict[str, torch.Tensor]
+    sums: dict[str, UpperGram]
     counts: dict[str, int]
 
     def dims(self) -> dict[str, int]:
-        return {k: int(self.sums[k].shape[0]) for k in self.layout.keys}
+        return {k: self.sums[k].n for k in self.sums}
 
     def into_covs(self) -> dict[str, torch.Tensor]:
-        """``{key: C}`` (full symmetric [n, n]), dividing the sums in place; the sums are gone after."""
-        return {k: fill_lower(self.sums[k]).div_(max(self.counts[k], 1)) for k in self.layout.keys}
+        """``{key: C}`` (full symmetric [n, n]); the sums are dropped key by key as each ``C`` is built."""
+        return {k: self.sums.pop(k).full().div_(max(self.counts[k], 1)) for k in list(self.sums)}
 
     def pop_packed_covs(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """``{key: upper triangle of C, packed}`` (float32 [n (n + 1) / 2], on ``device``), one key at
-        a time: each [n, n] sum is freed as soon as it is packed, so the peak is one extra triangle."""
-        packed = {}
-        for key in self.layout.keys:
-            total = self.sums.pop(key)
-            packed[key] = pack_upper(total).div_(max(self.counts[key], 1)).to(device)
-            del total
-        return packed
+        a time, each sum emptied block by block as it is packed (:meth:`UpperGram.pop_packed`)."""
+        return {k: self.sums.pop(k).pop_packed(device).div_(max(self.counts[k], 1)) for k in list(self.sums)}
+
+    def merge(self, other: InputStats) -> InputStats:
+        return InputStats(self.layout, {**self.sums, **other.sums}, {**self.counts, **other.counts})
 
 
 class _StopForward(Exception):
-    """Raised from the last target layer's hook: the rest of the forward pass is not needed."""
+    """Raised from the hook of a pass's last needed layer: the rest of the forward pass is not needed."""
 
 
 class _Accumulator:
-    """The hooks' shared state: sums, counts and the tensors already added in this forward pass."""
+    """The hooks' shared state: sums and counts of this pass's keys, and the tensors already added in
+    the current forward pass."""
 
-    def __init__(self, layout: InputLayout, dims: dict[str, int], device: torch.device, stop_early: bool):
+    def __init__(self, layout: InputLayout, keys: list[str], dims: dict[str, int], device: torch.device,
+                 stop_after: tuple[str, int] | None):  # fmt: skip
         self.layout = layout
-        self.sums = {k: torch.zeros(dims[k], dims[k], dtype=torch.float32, device=device) for k in layout.keys}
-        self.counts = {k: 0 for k in layout.keys}
-        self.stop_after = layout.stop_after if stop_early else None
+        self.sums = {k: UpperGram(dims[k], device) for k in keys}
+        self.counts = {k: 0 for k in keys}
+        self.stop_after = stop_after
         self.mask: torch.Tensor | None = None
         self.new_forward(None)
 
@@ -105,7 +112,7 @@ class _Accumulator:
         self.calls[name] += 1
         if not self._already_added(key, x):
             rows = select_rows(x, self.mask)
-            add_gram_upper(self.sums[key], rows)
+            self.sums[key].add_(rows)
             self.counts[key] += rows.shape[0]
         if self.stop_after == (name, self.calls[name]):
             raise _StopForward
@@ -118,62 +125,6 @@ class _Accumulator:
             return True
         self.seen[id(x)] = (weakref.ref(x), key)
         return False
-
-
-GRAM_BLOCK_ROWS = 512  # rows per block of the upper-triangular Gram update
-MAX_GRAM_BLOCKS = 8
-
-
-def gram_blocks(n: int) -> int:
-    """Row blocks for width ``n``: about ``GRAM_BLOCK_ROWS`` rows each, 1 to ``MAX_GRAM_BLOCKS``."""
-    return max(1, min(MAX_GRAM_BLOCKS, round(n / GRAM_BLOCK_ROWS)))
-
-
-def add_gram_upper(acc: torch.Tensor, rows: torch.Tensor, blocks: int | None = None) -> None:
-    """``acc += X^T X`` on and above the block diagonal only (X = ``rows``, [N, n]).
-
-    Row block ``i`` (columns ``e_i .. e_{i+1}``) gets ``X[:, e_i:e_{i+1}]^T X[:, e_i:]``: with ``b``
-    blocks that is ``(b + 1) / (2 b)`` of the full product's work (4: 10/16, 8: 9/16).
-    :func:`fill_lower` restores the full matrix.
-    """
-    n = rows.shape[1]
-    blocks = gram_blocks(n) if blocks is None else blocks
-    if n < 128 or blocks <= 1:
-        acc.addmm_(rows.T, rows)
-        return
-    edges = [round(i * n / blocks) for i in range(blocks + 1)]
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        acc[lo:hi, lo:].addmm_(rows[:, lo:hi].T, rows[:, lo:])
-
-
-def fill_lower(acc: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle is ``acc``'s (in place; one [n, n] temporary)."""
-    upper = torch.triu(acc, 1)
-    acc.tril_().triu_().add_(upper).add_(upper.T)  # diagonal kept, both triangles from ``upper``
-    return acc
-
-
-def upper_mask(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bool [n, n], True on and above the diagonal (row-major order defines the packing)."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).triu_()
-
-
-def pack_upper(matrix: torch.Tensor) -> torch.Tensor:
-    """The upper triangle (diagonal included) of ``matrix`` [n, n], row by row: [n (n + 1) / 2].
-
-    Row slices concatenated: no index tensor (boolean indexing would build one of 8 n^2 bytes)."""
-    return torch.cat([matrix[i, i:] for i in range(matrix.shape[0])])
-
-
-def unpack_symmetric(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The symmetric [n, n] matrix whose upper triangle :func:`pack_upper` packed into ``packed``."""
-    if packed.dim() == 2:  # already a full matrix
-        return packed
-    if packed.numel() != n * (n + 1) // 2:
-        raise ValueError(f"a packed triangle of width {n} has {n * (n + 1) // 2} entries, not {packed.numel()}")
-    out = torch.zeros(n, n, dtype=packed.dtype, device=packed.device)
-    out.masked_scatter_(upper_mask(n, packed.device), packed)  # in place, row-major: the packing order
-    return out.add_(torch.triu(out, 1).T)
 
 
 def select_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -203,36 +154,88 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def plan_passes(layout: InputLayout, dims: dict[str, int], budget_bytes: int | None) -> list[list[str]]:
+    """The input keys in forward order, cut into consecutive groups whose sums together take at most
+    ``budget_bytes`` (:func:`upper_gram_bytes` each); a key wider than the budget is a group alone.
+    One group (one pass) when ``budget_bytes`` is None or everything fits."""
+    groups: list[list[str]] = [[]]
+    held = 0
+    for key in layout.keys_in_call_order():
+        size = upper_gram_bytes(dims[key])
+        if groups[-1] and budget_bytes is not None and held + size > budget_bytes:
+            groups.append([])
+            held = 0
+        groups[-1].append(key)
+        held += size
+    return groups
+
+
+def input_stats_passes(
+    model: nn.Module,
+    module_names: list[str],
+    batches: Iterable[dict[str, torch.Tensor]],
+    positions: str = "loss",
+    dist: Dist | None = None,
+    budget_bytes: int | None = None,
+) -> Iterator[InputStats]:
+    """Sum ``x x^T`` over the selected positions of ``batches`` for every distinct layer input, in
+    passes over the batches (:func:`plan_passes`): each yields the reduced sums of one group of keys,
+    having held only that group's on the device, and stops the forward after its last layer when the
+    call pattern is static. Each key's sum is the same sequence of updates whatever the grouping.
+
+    batches: dicts with ``input_ids`` [B, T], ``attention_mask`` [B, T] and (for ``loss``)
+    ``labels`` [B, T]. With ``dist``, rank r takes batches i with i % world == r and the sums and
+    counts are all-reduced, so every rank gets the global statistics (``budget_bytes`` must agree).
+    """
+    dist = dist or Dist()
+    device = _model_device(model)
+    layout = discover_layout(model, module_names, device)
+    dims = input_dims(model, layout)
+    batches = list(batches)
+    for keys in plan_passes(layout, dims, budget_bytes):
+        acc = _Accumulator(layout, keys, dims, device, layout.stop_after_keys(set(keys)))
+        names = [n for n in module_names if layout.module_to_key[n] in acc.sums]
+        handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: acc.hook(n, args[0])) for n in names]
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(batches):
+                    if dist.mine(i):
+                        _forward(model, acc, {k: v.to(device) for k, v in batch.items()}, positions)
+        finally:
+            for h in handles:
+                h.remove()
+        yield _reduce(acc, dist, device)
+        del acc
+
+
 def accumulate_input_stats(
     model: nn.Module,
     module_names: list[str],
     batches: Iterable[dict[str, torch.Tensor]],
     positions: str = "loss",
     dist: Dist | None = None,
-    stop_early: bool = True,
+    budget_bytes: int | None = None,
 ) -> InputStats:
-    """Sum ``x x^T`` over the selected positions of ``batches`` for every distinct layer input.
+    """Every key's sums at once (the passes of :func:`input_stats_passes`, merged)."""
+    merged = None
+    for part in input_stats_passes(model, module_names, batches, positions, dist, budget_bytes):
+        merged = part if merged is None else merged.merge(part)
+    return merged
 
-    batches: dicts with ``input_ids`` [B, T], ``attention_mask`` [B, T] and (for ``loss``)
-    ``labels`` [B, T]. With ``dist``, rank r takes batches i with i % world == r and the sums and
-    counts are all-reduced, so every rank returns the global statistics.
-    """
-    dist = dist or Dist()
-    device = _model_device(model)
-    layout = discover_layout(model, module_names, device)
-    acc = _Accumulator(layout, input_dims(model, layout), device, stop_early)
-    handles = [
-        model.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: acc.hook(n, args[0])) for n in module_names
-    ]
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                if dist.mine(i):
-                    _forward(model, acc, {k: v.to(device) for k, v in batch.items()}, positions)
-    finally:
-        for h in handles:
-            h.remove()
-    return _reduce(acc, dist)
+
+AUTO_BUDGET_FRACTION = 0.75  # of the free device memory; the rest is left to the forward's activations
+
+
+def stats_budget_bytes(memory_gb: float | None, device: torch.device, dist: Dist | None = None) -> int | None:
+    """The bytes the statistics' sums may hold at once: ``memory_gb`` (1e9 bytes each) when given; else,
+    on CUDA, ``AUTO_BUDGET_FRACTION`` of the free device memory (the least over ranks, so all ranks plan
+    the same passes); else None (no limit: one pass)."""
+    if memory_gb is not None:
+        return int(memory_gb * 1e9)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return min((dist or Dist()).gather([int(free * AUTO_BUDGET_FRACTION)]))
 
 
 def _forward(model: nn.Module, acc: _Accumulator, batch: dict[str, torch.Tensor], positions: str) -> None:
@@ -244,12 +247,12 @@ def _forward(model: nn.Module, acc: _Accumulator, batch: dict[str, torch.Tensor]
     acc.new_forward(None)
 
 
-def _reduce(acc: _Accumulator, dist: Dist) -> InputStats:
-    keys = acc.layout.keys
-    counts = torch.tensor([acc.counts[k] for k in keys], dtype=torch.float64, device=next(iter(acc.sums.values())).device)
-    counts = dist.sum(counts)
-    sums = {k: dist.sum(acc.sums.pop(k)) for k in keys}
-    return InputStats(acc.layout, sums, {k: int(c) for k, c in zip(keys, counts.tolist(), strict=True)})
+def _reduce(acc: _Accumulator, dist: Dist, device: torch.device) -> InputStats:
+    keys = list(acc.sums)
+    counts = dist.sum(torch.tensor([acc.counts[k] for k in keys], dtype=torch.float64, device=device))
+    for gram in acc.sums.values():
+        gram.reduce_(dist.sum)
+    return InputStats(acc.layout, acc.sums, {k: int(c) for k, c in zip(keys, counts.tolist(), strict=True)})
 
 
 def collect_input_stats(
@@ -265,5 +268,7 @@ def collect_input_stats(
     See :func:`token_mask` for which positions ``loss`` and ``all`` select.
     """
     stats = accumulate_input_stats(model, module_names, batches, positions, Dist(accelerator))
+    module_to_key = stats.layout.module_to_key
+    counts = stats.counts
     covs = stats.into_covs()
-    return {n: (covs[k], stats.counts[k]) for n, k in stats.layout.module_to_key.items()}
+    return {n: (covs[k], counts[k]) for n, k in module_to_key.items()}

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import PPFTError, RecipeError
+from .gram import unpack_symmetric, upper_mask
 
 FORMAT = "ppft-calibration"
 VERSION = 2  # 2: statistics stored as packed upper triangles, only those a method reads
@@ -96,8 +97,6 @@ class Calibration:
     def upper_triangle(self, which: str, key: str, dtype: torch.dtype = torch.float64, device="cpu") -> torch.Tensor:
         """``C`` as [n, n] ``dtype`` on ``device`` with only its upper triangle (diagonal included) filled,
         the rest 0: what ``torch.linalg.eigh(..., UPLO="U")`` reads; one [n, n] matrix, no symmetric copy."""
-        from .stats import upper_mask
-
         packed = self._packed(which, key)
         n = int(self.manifest["keys"][key]["dim"])
         out = torch.zeros(n, n, dtype=dtype, device=device)
@@ -117,8 +116,6 @@ class Calibration:
 
     def _matrix(self, which: str, key: str) -> torch.Tensor:
         """The full symmetric [n, n] float32 matrix, unpacked from its stored upper triangle."""
-        from .stats import unpack_symmetric
-
         return unpack_symmetric(self._packed(which, key), int(self.manifest["keys"][key]["dim"]))
 
     def _packed(self, which: str, key: str) -> torch.Tensor:
