@@ -8,6 +8,9 @@ maximum minus the RSS when the phase started. Each number sits beside the predic
 bench/memory_model.py; ``within_15pct`` says whether they agree.
 
     python bench/bench_memory.py --out bench/results/memory.json
+
+``--stats-budgets none 0.6 0.3`` measures only the statistics pass, once per ``calibration.stats_memory_gb``
+(``none``: one pass), and records the passes, the bytes of sums held (exact) and the peak RSS.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ METHODS = {
     "lora": {"name": "lora", "r": 8, "alpha": 16},
 }
 PRESERVE_TEXTS, LENGTH, STATS_BATCH = 32, 256, 8
+STATS_TEXTS = 8  # --stats-budgets: the sums' size does not depend on the token count
 
 
 class RssPeak:
@@ -129,6 +133,39 @@ def stats_peak(sampler: RssPeak, model, tokenizer, recipe) -> int:
     return sampler.measure(lambda: accumulate_input_stats(model, targets, batches, "all"))[2]
 
 
+def stats_budget_worker(model_dir: Path, budget: str, out: Path) -> None:
+    """One statistics pass (C_p over the preserve texts) under ``stats_memory_gb = budget`` in this (fresh)
+    process. The packed triangles go to a ``meta`` tensor: on a GPU they leave for the host, so the peak
+    measured is the device's (sums, one block's packed rows, the forward)."""
+    import torch
+
+    from preserve_core.calibration.batches import encode_preserve_text, preserve_batches
+    from preserve_core.calibration.pipeline import dataset_texts
+    from preserve_core.calibration.stats import input_stats_passes
+    from preserve_core.models import load_model, load_tokenizer, resolve_target_modules
+    from preserve_core.recipe import load_recipe
+
+    torch.set_num_threads(1)
+    sampler = RssPeak()
+    recipe = load_recipe(write_recipe(out.parent / f"work-stats-{budget}", model_dir, METHODS["lora"]))
+    tokenizer, model = load_tokenizer(recipe.model), load_model(recipe.model, "cpu").eval()
+    texts = dataset_texts(recipe.calibration.preserve_data, STATS_TEXTS)
+    batches = preserve_batches([encode_preserve_text(tokenizer, t, LENGTH) for t in texts], tokenizer, LENGTH, STATS_BATCH)
+    targets = resolve_target_modules(model, None)
+    budget_bytes = None if budget == "none" else int(float(budget) * 1e9)
+    result = {"stats": ["preserve"], "budget_gb": budget, "forward_peak": forward_peak(sampler, model), "held": []}
+
+    def run() -> None:
+        for part in input_stats_passes(model, targets, batches, "all", budget_bytes=budget_bytes):
+            result["held"].append(sum(g.nbytes() for g in part.sums.values()))
+            part.pop_packed_covs("meta")
+
+    start = time.perf_counter()
+    result["stats_peak"] = sampler.measure(run)[2]
+    result["stats_seconds"], result["passes"], result["stats_held"] = time.perf_counter() - start, len(result["held"]), max(result["held"])
+    out.write_text(json.dumps(result))
+
+
 def worker(model_dir: Path, method_key: str, out: Path, calibration_only: bool = False) -> None:
     """One measurement in this (fresh) process; writes a JSON dict to ``out``."""
     import torch
@@ -192,10 +229,14 @@ def describe_bases(method) -> dict:
 
 def predict(shape_name: str, layers: int, method_key: str, measured: dict) -> dict:
     shape = SHAPES[shape_name]
+    if method_key.startswith("stats:"):  # a statistics pass under a stats_memory_gb budget
+        budget = None if measured["budget_gb"] == "none" else int(float(measured["budget_gb"]) * 1e9)
+        passes, held, _ = mm.calibration_passes(shape, layers, budget)
+        return {"stats_held": held, "stats_peak": held + measured["forward_peak"], "passes": passes}
     n_stats = len(measured["stats"])
     p = {"calibration_disk": mm.calibration_disk(shape, layers, n_stats)}
     if n_stats and "stats_peak" in measured:  # the forward's own activations: measured, not modelled
-        p["stats_peak"] = mm.calibration_peak(shape, layers, 1) + measured["forward_peak"]
+        p["stats_peak"] = mm.calibration_peak(shape, layers) + measured["forward_peak"]
     if method_key.startswith("fora"):
         ks = _per_input_ks(shape, layers, measured["ks"])
         short = {name.rsplit(".", 1)[-1]: r for name, r in measured["r_u"].items()}
@@ -237,8 +278,12 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="add the runs to those already in --out")
     parser.add_argument("--calibration-only", action="store_true", help="measure calibration only (no set-up)")
     parser.add_argument("--recompute", action="store_true", help="redo the comparisons in --out from its measurements")
+    parser.add_argument("--stats-budgets", nargs="+", help="measure only the statistics pass at these stats_memory_gb (none: no limit)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # MODEL_DIR METHOD OUT [CAL_ONLY]
     args = parser.parse_args()
+    if args.worker and args.worker[1].startswith("stats:"):
+        stats_budget_worker(Path(args.worker[0]), args.worker[1].split(":", 1)[1], Path(args.worker[2]))
+        return
     if args.worker:
         worker(Path(args.worker[0]), args.worker[1], Path(args.worker[2]), args.worker[3:] == ["1"])
         return
@@ -260,7 +305,7 @@ def main() -> None:
         for layers in args.layers:
             with tempfile.TemporaryDirectory(prefix="ppft-mem-") as tmp:
                 model_dir = build(shape_name, layers, Path(tmp) / "model")
-                for key in args.methods:
+                for key in [f"stats:{b}" for b in args.stats_budgets] if args.stats_budgets else args.methods:
                     out = Path(tmp) / f"{key}.json"
                     flag = "1" if args.calibration_only else "0"
                     subprocess.run([sys.executable, __file__, "--worker", str(model_dir), key, str(out), flag], env=env, check=True)
@@ -276,8 +321,9 @@ def main() -> None:
 
 
 def print_row(row: dict) -> None:
-    cells = [f"{k} {v['measured'] / 2**20:.1f}/{v['predicted'] / 2**20:.1f} MiB" for k, v in row["comparison"].items()
-             if v["measured"] is not None]  # fmt: skip
+    cells = [f"{k} {v['measured']}/{v['predicted']}" if k == "passes" else
+             f"{k} {v['measured'] / 2**20:.1f}/{v['predicted'] / 2**20:.1f} MiB"
+             for k, v in row["comparison"].items() if v["measured"] is not None]  # fmt: skip
     print(f"{row['shape']} L{row['layers']} {row['method']}: " + "; ".join(cells), flush=True)
 
 

@@ -6,9 +6,14 @@ formula is in bytes; ``L`` layers.
 
 Calibration
     disk:  4 * sum_j n_j (n_j + 1) / 2 per statistic the method reads (packed float32 upper triangles)
-    peak:  4 * sum_j n_j^2 (the [n, n] float32 sums of one statistic, all inputs of the model, accumulated
-           together in one forward pass) + the packed triangles of a statistic already finished
-           (2 n_j^2 each) + the forward's own activations (measured: any inference forward needs them)
+    sums:  g(n) = 4 * sum_b h_b (n - e_b) per input: the upper row blocks of its float32 Gram sum (b = 8
+           blocks of n / 8 rows at real widths: 9/16 of 4 n^2; one n x n block below width 128).
+           One pass (no budget): sum over all inputs of the model. With a budget B: the inputs in forward
+           order are cut into consecutive groups of at most B (an input wider than B alone), one pass over
+           the data per group; the peak is the largest group's, and pass g runs the forward through its
+           group's last layer (cost: sum of those depths, in forwards through all layers).
+    peak:  the sums (above) + the forward's own activations (measured: any inference forward needs them);
+           the packed triangles of finished inputs are on the host, not the device
 FORA (LoRA form) set-up
     held:  4 * sum_j n_j min(k_j, n_j - k_j)  (one Q or Q_c per distinct input)
            + 4 * sum_i (m_i r_u,i + (m_i + n_i) s)  (U_1, U_c, V_c per layer)
@@ -32,12 +37,39 @@ def calibration_disk(shape: Shape, layers: int, n_stats: int) -> int:
     return n_stats * layers * sum(F32 * n * (n + 1) // 2 for n in shape.input_widths())
 
 
-def calibration_peak(shape: Shape, layers: int, n_stats: int) -> int:
-    """Sums of one statistic for every input + the packed triangles already finished (the forward's own
-    activations come on top: those of any inference forward over one statistics batch)."""
-    sums = layers * sum(F32 * n * n for n in shape.input_widths())
-    finished = (n_stats - 1) * layers * sum(F32 * n * (n + 1) // 2 for n in shape.input_widths())
-    return sums + finished
+def gram_sums(n: int) -> int:
+    """Bytes of one input's running sum: its upper row blocks, ``round(n / 512)`` clamped to 1..8 blocks."""
+    blocks = max(1, min(8, round(n / 512)))
+    if n < 128 or blocks == 1:
+        return F32 * n * n
+    edges = [round(i * n / blocks) for i in range(blocks + 1)]
+    return F32 * sum((hi - lo) * (n - lo) for lo, hi in zip(edges[:-1], edges[1:]))
+
+
+def calibration_passes(shape: Shape, layers: int, budget: int | None = None) -> tuple[int, int, float]:
+    """``(passes, largest group's sums in bytes, forward cost in full forwards)`` of one statistic."""
+    sizes = [(layer, gram_sums(n)) for layer in range(layers) for n in shape.input_widths()]
+    groups, held = [[]], 0
+    for layer, size in sizes:
+        if groups[-1] and budget is not None and held + size > budget:
+            groups.append([])
+            held = 0
+        groups[-1].append((layer, size))
+        held += size
+    largest = max(sum(size for _, size in g) for g in groups)
+    depth = sum(g[-1][0] + 1 for g in groups) / layers
+    return len(groups), largest, depth
+
+
+def calibration_peak(shape: Shape, layers: int, budget: int | None = None) -> int:
+    """Device bytes of the running sums of one statistic (the forward's own activations come on top:
+    those of any inference forward over one statistics batch)."""
+    return calibration_passes(shape, layers, budget)[1]
+
+
+def calibration_peak_full_square(shape: Shape, layers: int) -> int:
+    """Before: a full [n, n] float32 sum per input, all inputs at once."""
+    return layers * sum(F32 * n * n for n in shape.input_widths())
 
 
 def fora_held(shape: Shape, layers: int, ks: list[int], r_u: dict[str, int], s: int) -> int:
@@ -87,7 +119,10 @@ def full_size_rows(shape: Shape, vocab: int, r: int = 8, s: int = 8) -> dict[str
         "model weights, bf16": model_weights(shape, layers, 2, vocab),
         "calibration on disk, FORA (C_p)": calibration_disk(shape, layers, 1),
         "calibration on disk, FoLoRA (C_p, C_t)": calibration_disk(shape, layers, 2),
-        "calibration peak, one statistic (sums)": calibration_peak(shape, layers, 1),
+        "calibration sums, one statistic, was (full n x n, one pass)": calibration_peak_full_square(shape, layers),
+        "calibration sums, one statistic (upper blocks, one pass)": calibration_peak(shape, layers),
+        "calibration sums, stats_memory_gb 8 (largest pass)": calibration_peak(shape, layers, 8 * 10**9),
+        "calibration sums, stats_memory_gb 2 (largest pass)": calibration_peak(shape, layers, 2 * 10**9),
         "FORA bases held (k = n/2, r_u = m/4, s = 8)": fora_held(shape, layers, ks, r_u, s),
         "FORA bases held, u_rank 0, spectral_size 0": fora_held(shape, layers, ks, {k: 0 for k in r_u}, 0),
         "FoLoRA V_K held (K = n)": folora_held(shape, layers),

@@ -72,6 +72,7 @@ def calibration_section(data: dict) -> list[str]:
 MEMORY_KEYS = {
     "calibration_disk": "calibration on disk",
     "stats_peak": "accumulating C_p: peak",
+    "stats_held": "accumulating C_p: sums held",
     "setup_held": "set-up: bases held",
     "setup_peak": "set-up peak",
     "checkpoint_disk": "checkpoint on disk",

@@ -445,6 +445,26 @@ def test_failure_leaves_nothing_half_written(write_recipe, model_and_tokenizer):
     assert [p.name for p in good.dir.parent.iterdir() if p.name.startswith(".")] == []
 
 
+def test_compute_then_write_runs_in_eval_mode_and_restores_it(tmp_path):
+    """compute and write see eval mode; write's error is raised (after the mode is restored); write only
+    on rank 0 (a one-process Dist here), its folder re-read afterwards."""
+    from preserve_core.calibration.pipeline import _compute_then_write
+
+    model = torch.nn.Linear(2, 2).train()
+    seen = []
+
+    def write(computed):
+        seen.append(("write", computed, model.training))
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        _compute_then_write(model, Dist(), tmp_path, lambda: seen.append(("compute", model.training)) or 7, write)
+    assert seen == [("compute", False), ("write", 7, False)] and model.training
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "ppft-calibration", "version": 2}))
+    cal = _compute_then_write(model.eval(), Dist(), tmp_path, lambda: None, lambda _: None)
+    assert cal.manifest == {"format": "ppft-calibration", "version": 2} and not model.training
+
+
 def test_refuses_to_replace_a_foreign_folder(write_recipe, model_and_tokenizer, tmp_path):
     model, tokenizer = model_and_tokenizer
     foreign = tmp_path / "mine"

@@ -234,26 +234,44 @@ def _method_extra(method_cls, model, tokenizer, preserve_texts, recipe):
     return method_cls.calibrate_extra(model, tokenizer, preserve_texts, recipe)
 
 
-def _run(recipe, model: nn.Module, tokenizer, method_cls, dist: Dist, identity: dict, which: list[str]) -> Calibration:
-    directory = recipe.calibration_dir()
+def _compute_then_write(model: nn.Module, dist: Dist, directory: Path, compute, write) -> Calibration:
+    """``write(compute())`` in eval mode, then the folder as written.
+
+    ``compute()`` runs on every rank (it may use collectives); ``write`` on rank 0 only, where any error
+    it raises is caught and then raised on every rank (:meth:`Dist.broadcast_error`), or the others would
+    wait forever in the next collective. The model's train mode is restored either way.
+    """
     was_training = model.training
     model.eval()
     error = None
     try:
-        texts, ids, sidecar = preserve_data(recipe, model, tokenizer, dist, identity["model_fingerprint"])
-        sequences = ids if ids is not None else [encode_preserve_text(tokenizer, t, recipe.data.max_length) for t in texts]
-        result = compute_stats(recipe, model, tokenizer, sequences, which, dist)
+        computed = compute()
         if dist.is_main:
             try:
-                extras = {name: fn(model, tokenizer, texts) for name, fn in extra_providers(recipe, method_cls).items()}
-                manifest = build_manifest(identity, texts, result.n_task, result, dist)
-                _write(directory, manifest, (texts, ids, sidecar), result, extras)
-            except BaseException as e:  # every rank must hear of it, or the others wait forever
+                write(computed)
+            except BaseException as e:  # every rank must hear of it
                 error = e
     finally:
         model.train(was_training)
     dist.broadcast_error(error)
     return Calibration(directory, read_manifest(directory))
+
+
+def _run(recipe, model: nn.Module, tokenizer, method_cls, dist: Dist, identity: dict, which: list[str]) -> Calibration:
+    directory = recipe.calibration_dir()
+
+    def compute():
+        texts, ids, sidecar = preserve_data(recipe, model, tokenizer, dist, identity["model_fingerprint"])
+        sequences = ids if ids is not None else [encode_preserve_text(tokenizer, t, recipe.data.max_length) for t in texts]
+        return (texts, ids, sidecar), compute_stats(recipe, model, tokenizer, sequences, which, dist)
+
+    def write(computed) -> None:
+        (texts, ids, sidecar), result = computed
+        extras = {name: fn(model, tokenizer, texts) for name, fn in extra_providers(recipe, method_cls).items()}
+        manifest = build_manifest(identity, texts, result.n_task, result, dist)
+        _write(directory, manifest, (texts, ids, sidecar), result, extras)
+
+    return _compute_then_write(model, dist, directory, compute, write)
 
 
 def run_calibration(
@@ -301,24 +319,17 @@ def _add_missing_extra(cal: Calibration, model: nn.Module, tokenizer, method_cls
     missing = {n: fn for n, fn in extra_providers(recipe, method_cls).items() if n not in cal.manifest.get("extras", [])}
     if not missing:
         return cal
-    error = None
-    if dist.is_main:
-        was_training = model.training
-        model.eval()
-        try:
-            for name, fn in missing.items():
-                final = cal.dir / EXTRAS / f"{name}.safetensors"
-                tmp = final.with_name(f".{final.name}.tmp")
-                save_tensors(tmp, fn(model, tokenizer, cal.preserve_texts))
-                tmp.replace(final)
-            manifest = read_manifest(cal.dir)
-            write_json(cal.dir / MANIFEST, {**manifest, "extras": sorted({*manifest["extras"], *missing})})
-        except BaseException as e:
-            error = e
-        finally:
-            model.train(was_training)
-    dist.broadcast_error(error)
-    return Calibration(cal.dir, read_manifest(cal.dir))
+
+    def write(_) -> None:
+        for name, fn in missing.items():
+            final = cal.dir / EXTRAS / f"{name}.safetensors"
+            tmp = final.with_name(f".{final.name}.tmp")
+            save_tensors(tmp, fn(model, tokenizer, cal.preserve_texts))
+            tmp.replace(final)
+        manifest = read_manifest(cal.dir)
+        write_json(cal.dir / MANIFEST, {**manifest, "extras": sorted({*manifest["extras"], *missing})})
+
+    return _compute_then_write(model, dist, cal.dir, lambda: None, write)
 
 
 def ensure_calibration(
@@ -353,21 +364,12 @@ def _add_missing_stats(cal: Calibration, model: nn.Module, tokenizer, recipe, wh
     missing = [w for w in which if w not in cal.stats()]
     if not missing:
         return cal
-    was_training = model.training
-    model.eval()
-    error = None
-    try:
+
+    def compute() -> StatsResult:
         sequences = cal.preserve_sequences(tokenizer, recipe.data.max_length)
-        result = compute_stats(recipe, model, tokenizer, sequences, missing, dist)
-        if dist.is_main:
-            try:
-                _add_stats_files(cal, result)
-            except BaseException as e:
-                error = e
-    finally:
-        model.train(was_training)
-    dist.broadcast_error(error)
-    return Calibration(cal.dir, read_manifest(cal.dir))
+        return compute_stats(recipe, model, tokenizer, sequences, missing, dist)
+
+    return _compute_then_write(model, dist, cal.dir, compute, lambda result: _add_stats_files(cal, result))
 
 
 def _add_stats_files(cal: Calibration, result: StatsResult) -> None:
