@@ -40,6 +40,7 @@ bench: setup
 	$(PY) bench/bench_calibration.py --real
 	$(PY) bench/bench_memory.py --layers 1 --out bench/results/memory.json
 	$(PY) bench/bench_memory.py --layers 2 --methods lora fora_u0_s0 --append --out bench/results/memory.json
+	$(PY) bench/bench_memory.py --shapes llama3-8b --layers 2 --stats-budgets none 0.6 0.3 --out bench/results/memory_stats.json
 	$(PY) -c "import lm_eval" 2>/dev/null && $(PY) bench/bench_eval.py || echo "bench_eval skipped: pip install -e '.[lmeval]'"
 	$(PY) bench/summarize.py
 

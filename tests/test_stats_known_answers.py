@@ -17,23 +17,25 @@ from transformers.pytorch_utils import Conv1D
 
 from preserve_core.calibration.dist import Dist
 from preserve_core.calibration.layout import InputLayout
-from preserve_core.calibration.stats import (
+from preserve_core.calibration.gram import (
     GRAM_BLOCK_ROWS,
     MAX_GRAM_BLOCKS,
+    UpperGram,
+    fill_lower,
+    gram_blocks,
+    pack_upper,
+    unpack_symmetric,
+    upper_mask,
+)
+from preserve_core.calibration.stats import (
     _Accumulator,
     _forward,
     _StopForward,
     accumulate_input_stats,
-    add_gram_upper,
     collect_input_stats,
-    fill_lower,
-    gram_blocks,
     input_dims,
-    pack_upper,
     select_rows,
     token_mask,
-    unpack_symmetric,
-    upper_mask,
 )
 from preserve_core.errors import PPFTError
 
@@ -116,8 +118,8 @@ def test_accumulated_sums_counts_and_dims_by_hand(positions):
     assert stats.counts == {"{a,b}": expected["c"][1], "c": expected["c"][1]}
     assert expected["c"][1] == (7 if positions == "loss" else 17)  # loss: 3 + 1 + 0 + 2 + 1 positions; all: 5 + 3 + 2 + 4 + 3
     for key, (total, _) in expected.items():
-        assert stats.sums[key].dtype == torch.float32
-        torch.testing.assert_close(fill_lower(stats.sums[key]).double(), total, rtol=1e-5, atol=1e-5)
+        assert {b.dtype for b in stats.sums[key].blocks} == {torch.float32}
+        torch.testing.assert_close(stats.sums[key].full().double(), total, rtol=1e-5, atol=1e-5)
     assert model.head_calls == 1  # the probe pass; the statistics passes stop after ``c``
 
 
@@ -167,7 +169,7 @@ def test_without_early_stop_the_whole_model_runs_and_stats_agree():
     early = accumulate_input_stats(model, NAMES, toy_batches())
     assert model.head_calls == 1 + 2 + 1  # probe only
     for key in early.sums:
-        assert torch.equal(early.sums[key], late.sums[key])
+        assert torch.equal(early.sums[key].full(), late.sums[key].full())
 
 
 def test_each_rank_takes_every_world_th_batch_and_sums_are_reduced():
@@ -184,7 +186,7 @@ def test_each_rank_takes_every_world_th_batch_and_sums_are_reduced():
     second = reference(model, [batches[1], batches[3]], "all")
     assert stats.counts == {"{a,b}": 4 * 9, "c": 4 * 9} and all(type(c) is int for c in stats.counts.values())
     for key, (total, _) in second.items():
-        torch.testing.assert_close(fill_lower(stats.sums[key]).double(), 2 * total, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats.sums[key].full().double(), 2 * total, rtol=1e-5, atol=1e-5)
 
 
 def test_float32_sums_under_a_float64_default_dtype():
@@ -195,7 +197,7 @@ def test_float32_sums_under_a_float64_default_dtype():
         stats = accumulate_input_stats(model, NAMES, toy_batches(), positions="all")
     finally:
         torch.set_default_dtype(default)
-    assert {s.dtype for s in stats.sums.values()} == {torch.float32}
+    assert {b.dtype for s in stats.sums.values() for b in s.blocks} == {torch.float32}
 
 
 def test_input_dims_from_in_features_or_weight_rows():
@@ -211,25 +213,25 @@ def test_input_dims_from_in_features_or_weight_rows():
 # ---------------------------------------------------------------------------------------------
 # the hooks' accumulator
 # ---------------------------------------------------------------------------------------------
-def _accumulator(stop_after=None, stop_early=True) -> _Accumulator:
+def _accumulator(stop_after=None) -> _Accumulator:
     layout = InputLayout(["k1", "k2"], {"p": "k1", "q": "k1", "r": "k2"}, {"p": 1, "q": 1, "r": 1}, stop_after)
-    return _Accumulator(layout, {"k1": 2, "k2": 2}, torch.device("cpu"), stop_early)
+    return _Accumulator(layout, ["k1", "k2"], {"k1": 2, "k2": 2}, torch.device("cpu"), stop_after)
 
 
 def test_a_shared_tensor_is_added_once_a_new_one_again():
     acc = _accumulator()
-    assert acc.sums["k1"].shape == (2, 2) and acc.counts == {"k1": 0, "k2": 0} and acc.calls == {"p": 0, "q": 0, "r": 0}
+    assert acc.sums["k1"].n == 2 and acc.counts == {"k1": 0, "k2": 0} and acc.calls == {"p": 0, "q": 0, "r": 0}
     x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])  # [1, 2, 2]
     acc.new_forward(torch.tensor([[True, False]]))
     acc.hook("p", x)
     acc.hook("q", x)  # the same object: already added
-    assert acc.counts["k1"] == 1 and torch.equal(acc.sums["k1"], torch.tensor([[1.0, 2.0], [2.0, 4.0]]))
+    assert acc.counts["k1"] == 1 and torch.equal(acc.sums["k1"].full(), torch.tensor([[1.0, 2.0], [2.0, 4.0]]))
     acc.hook("q", x.clone())  # another tensor: added again
     assert acc.counts["k1"] == 2 and acc.calls == {"p": 1, "q": 2, "r": 0}
     acc.new_forward(torch.tensor([[True, True]]))  # a new pass forgets what it saw
     acc.hook("p", x)
     assert acc.counts["k1"] == 4 and acc.calls == {"p": 1, "q": 0, "r": 0}
-    torch.testing.assert_close(fill_lower(acc.sums["k1"]), torch.tensor([[12.0, 18.0], [18.0, 28.0]]))
+    torch.testing.assert_close(acc.sums["k1"].full(), torch.tensor([[12.0, 18.0], [18.0, 28.0]]))
 
 
 def test_a_tensor_read_by_another_key_is_an_error_naming_both():
@@ -249,16 +251,15 @@ def test_the_pass_stops_at_the_n_th_call_of_the_last_layer():
     with pytest.raises(_StopForward):
         acc.hook("q", torch.ones(1, 1, 2))
     assert acc.counts["k1"] == 2
-    late = _accumulator(stop_after=("q", 1), stop_early=False)
-    assert late.stop_after is None
+    late = _accumulator(stop_after=None)
     late.new_forward(torch.ones(1, 1, dtype=torch.bool))
-    late.hook("q", torch.ones(1, 1, 2))
+    late.hook("q", torch.ones(1, 1, 2))  # no stop point: no stop
 
 
 def test_forward_swallows_the_stop_and_clears_the_mask():
     model = ToyLM()
     layout = InputLayout(["{a,b}", "c"], {"a": "{a,b}", "b": "{a,b}", "c": "c"}, {}, ("a", 1))
-    acc = _Accumulator(layout, {"{a,b}": 3, "c": 5}, torch.device("cpu"), True)
+    acc = _Accumulator(layout, ["{a,b}", "c"], {"{a,b}": 3, "c": 5}, torch.device("cpu"), ("a", 1))
     handle = model.a.register_forward_pre_hook(lambda m, args: acc.hook("a", args[0]))
     ids = torch.tensor([[1, 2, 0]])
     mask = torch.tensor([[1, 1, 0]])
@@ -267,7 +268,7 @@ def test_forward_swallows_the_stop_and_clears_the_mask():
     finally:
         handle.remove()
     h = model.hidden(ids, mask).detach().double()[0, :2]
-    torch.testing.assert_close(acc.sums["{a,b}"].double(), h.T @ h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc.sums["{a,b}"].full().double(), h.T @ h, rtol=1e-5, atol=1e-6)
     assert acc.counts == {"{a,b}": 2, "c": 0} and acc.mask is None and acc.seen == {} and model.head_calls == 0
 
 
@@ -319,24 +320,27 @@ def _rows(n: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n, blocks", [(128, 2), (130, 3)])
-def test_blocked_gram_fills_only_the_block_upper_part(n, blocks):
-    """``acc += X^T X`` on and above the block diagonal; strictly below it ``acc`` is untouched."""
+def test_blocked_gram_holds_only_the_block_upper_part(n, blocks):
+    """Block j is ``X^T X [e_j:e_{j+1}, e_j:]`` ([h_j, n - e_j]); nothing below the block diagonal is held."""
     x = _rows(n)
-    acc = torch.full((n, n), 0.5)
-    add_gram_upper(acc, x, blocks)
+    gram = UpperGram(n, blocks=blocks)
+    gram.add_(x)
+    gram.add_(x)
     edges = [round(i * n / blocks) for i in range(blocks + 1)]
-    full = x.double().T @ x.double() + 0.5
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        torch.testing.assert_close(acc[lo:hi, lo:].double(), full[lo:hi, lo:], rtol=1e-5, atol=1e-5)
-        assert torch.equal(acc[hi:, lo:hi], torch.full((n - hi, hi - lo), 0.5))
+    full = 2 * x.double().T @ x.double()
+    assert len(gram.blocks) == blocks
+    for (lo, hi), block in zip(zip(edges[:-1], edges[1:], strict=True), gram.blocks, strict=True):
+        assert block.shape == (hi - lo, n - lo)
+        torch.testing.assert_close(block.double(), full[lo:hi, lo:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n, blocks", [(127, 4), (128, None), (128, 1), (200, 0)])
 def test_narrow_or_single_block_gram_is_the_full_product(n, blocks):
     x = _rows(n)
-    acc = torch.ones(n, n)
-    add_gram_upper(acc, x, blocks)
-    torch.testing.assert_close(acc.double(), x.double().T @ x.double() + 1, rtol=1e-5, atol=1e-5)
+    gram = UpperGram(n, blocks=blocks)
+    gram.add_(x)
+    assert len(gram.blocks) == 1
+    torch.testing.assert_close(gram.blocks[0].double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-5)
 
 
 def test_fill_lower_in_place_and_upper_mask():

@@ -8,7 +8,7 @@ separate tensors (after separate norms, say) gets separate groups, as it must.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,14 +23,15 @@ class InputLayout:
     calls_per_forward: how often each layer ran in the probe (0: never, e.g. an unused expert).
     stop_after: (layer, n) such that no target runs after the n-th call of that layer in a forward
     pass, or None unless every layer ran exactly once (a static call pattern).
-    call_order: the target layers in the order the probe called them (a layer per call).
+    call_order: the target layers in the order the probe called them (a layer per call; empty for a
+    layout made by hand, whose keys then count as called in ``keys`` order, with no early stop).
     """
 
     keys: list[str]
     module_to_key: dict[str, str]
     calls_per_forward: dict[str, int]
     stop_after: tuple[str, int] | None
-    call_order: list[str]
+    call_order: list[str] = field(default_factory=list)
 
     def keys_in_call_order(self) -> list[str]:
         """``keys`` ordered by the first call of any of their layers (never-called keys last)."""

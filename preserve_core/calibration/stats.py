@@ -177,6 +177,7 @@ def input_stats_passes(
     positions: str = "loss",
     dist: Dist | None = None,
     budget_bytes: int | None = None,
+    stop_early: bool = True,
 ) -> Iterator[InputStats]:
     """Sum ``x x^T`` over the selected positions of ``batches`` for every distinct layer input, in
     passes over the batches (:func:`plan_passes`): each yields the reduced sums of one group of keys,
@@ -186,6 +187,7 @@ def input_stats_passes(
     batches: dicts with ``input_ids`` [B, T], ``attention_mask`` [B, T] and (for ``loss``)
     ``labels`` [B, T]. With ``dist``, rank r takes batches i with i % world == r and the sums and
     counts are all-reduced, so every rank gets the global statistics (``budget_bytes`` must agree).
+    ``stop_early=False`` runs every forward to the end.
     """
     dist = dist or Dist()
     device = _model_device(model)
@@ -193,7 +195,7 @@ def input_stats_passes(
     dims = input_dims(model, layout)
     batches = list(batches)
     for keys in plan_passes(layout, dims, budget_bytes):
-        acc = _Accumulator(layout, keys, dims, device, layout.stop_after_keys(set(keys)))
+        acc = _Accumulator(layout, keys, dims, device, layout.stop_after_keys(set(keys)) if stop_early else None)
         names = [n for n in module_names if layout.module_to_key[n] in acc.sums]
         handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: acc.hook(n, args[0])) for n in names]
         try:
@@ -215,10 +217,11 @@ def accumulate_input_stats(
     positions: str = "loss",
     dist: Dist | None = None,
     budget_bytes: int | None = None,
+    stop_early: bool = True,
 ) -> InputStats:
     """Every key's sums at once (the passes of :func:`input_stats_passes`, merged)."""
     merged = None
-    for part in input_stats_passes(model, module_names, batches, positions, dist, budget_bytes):
+    for part in input_stats_passes(model, module_names, batches, positions, dist, budget_bytes, stop_early):
         merged = part if merged is None else merged.merge(part)
     return merged
 
