@@ -523,7 +523,7 @@ from preserve_core.methods.lora import Lora
 from preserve_core.models import load_model, load_tokenizer
 from preserve_core.recipe import load_recipe
 
-recipe = load_recipe(sys.argv[1], [f"calibration.dir={sys.argv[2]}"])
+recipe = load_recipe(sys.argv[1], [f"calibration.dir={sys.argv[2]}", *sys.argv[3:]])
 accelerator = Accelerator(cpu=True)
 model = load_model(recipe.model, accelerator.device).eval()
 run_calibration(recipe, model, load_tokenizer(recipe.model), Lora, accelerator, stats=["preserve", "task"])
@@ -546,7 +546,11 @@ def test_two_processes_match_one(write_recipe, tmp_path):
     # accelerate 1.x: --cpu starts one process; --multi_gpu on a CPU-only machine runs torchrun with gloo
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
-    subprocess.run([*launch, str(script), str(recipe), str(two)], env=env, check=True, timeout=300)
+    # the two processes also split the inputs into passes (5000 bytes: one input per pass): each pass is reduced alone
+    proc = subprocess.run([*launch, str(script), str(recipe), str(two), "calibration.stats_memory_gb=5e-6"], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "8 passes over the data per statistic" in proc.stderr.replace("\n", "")
     a, b = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
     assert b["num_processes"] == 2 and a["num_processes"] == 1
     assert a["counts"] == b["counts"]
