@@ -37,6 +37,7 @@ bench: setup
 	$(PY) bench/bench_packing.py
 	$(PY) bench/bench_methods.py
 	$(PY) bench/bench_guards.py
+	$(PY) bench/bench_fora_bf16.py
 	$(PY) bench/bench_calibration.py --real
 	$(PY) bench/bench_memory.py --layers 1 --out bench/results/memory.json
 	$(PY) bench/bench_memory.py --layers 2 --methods lora fora_u0_s0 --append --out bench/results/memory.json

@@ -231,7 +231,8 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
 
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """After ``load_state_dict`` of a full state: every state tensor shaped like its sharded parameter is sharded like it."""
+    """After ``load_state_dict`` of a full state: every state tensor shaped like its sharded parameter is sharded like it
+    (in its own dtype: FORA's float32 masters of bf16 weights stay float32)."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not isinstance(p, DTensor) or p not in optimizer.state:
@@ -239,7 +240,7 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             state = optimizer.state[p]
             for k, v in state.items():
                 if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
-                    state[k] = like(v.to(p.dtype), p)
+                    state[k] = like(v, p)
 
 
 def shard_state_like(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -387,3 +387,38 @@ def test_checkpoint_holds_a_hash_not_the_bases(tiny_model_dir):
     other, _ = _fora_on_tiny(tiny_model_dir, {"form": "lora", "u_rank": 3, "spectral_size": 2})
     with pytest.raises(PPFTError, match="differ from those the checkpoint"):
         other.load_state_dict(state)
+
+
+def test_bf16_full_form_keeps_float32_masters_resumes_exactly_and_leaks_one_rounding(
+    write_recipe, calibration_settings, tiny_model_dir, capsys
+):
+    """``model.dtype: bfloat16``, full form: 3 steps, stop, resume for 3 more == 6 straight, bit for bit
+    (the float32 masters ``W~`` travel in the checkpoint); ``(W~_6 - W_0) Q = 0`` to float32 rounding,
+    ``W_6 = bf16(W~_6)``, so ``||(W_6 - W_0) Q|| <= 2^-8 ||W~_6||``: one rounding, not accumulated."""
+    from preserve_core.checkpoint import _read_state
+
+    method = {"name": "fora", "form": "full", "energy": 0.9, "max_rank": 0.5, "u_rank": 0, "spectral_size": 0}
+    common = {"max_steps": 6, "save_every": 3, "keep_last": 3, "weight_decay": 0.05, "lr": 2e-2, "schedule": "constant"}
+
+    def recipe(name):
+        return write_recipe(name, model={"dtype": "bfloat16"}, method=method, training=common, calibration=calibration_settings)
+
+    straight = run(recipe("bf16-straight"))
+    assert "float32 master copy" in capsys.readouterr().err  # the user is told, with the exact alternative
+    first = run(recipe("bf16-resumed"))
+    shutil.rmtree(first.run_dir / "final")
+    shutil.rmtree(list_checkpoints(first.run_dir)[-1])
+    resumed = run(recipe("bf16-resumed"), resume=True)
+    trainable = [n.removesuffix(".base.weight") for n, p in straight.model.named_parameters() if p.requires_grad]
+    state = _read_state(list_checkpoints(straight.run_dir)[-1] / "state.pt")["optimizer"]["state"]
+    masters = {name: state[i]["master"] for i, name in enumerate(trainable)}
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    assert set(masters) == set(_targets(straight))
+    for name, master in masters.items():
+        layer, w0 = straight.model.get_submodule(name), base.get_submodule(name).weight.detach().double()
+        w, q = layer.base.weight.detach(), layer.q.double()
+        assert master.dtype == torch.float32 and w.dtype == torch.bfloat16
+        assert torch.equal(w, master.bfloat16()) and torch.equal(w, resumed.model.get_submodule(name).base.weight.detach())
+        exact = master.double() - w0
+        assert exact.norm() > 1e-2 and (exact @ q).norm() < 1e-5 * exact.norm(), name
+        assert ((w.double() - w0) @ q).norm() <= 2.0**-8 * master.double().norm(), name

@@ -49,4 +49,6 @@ def test_smoke_mode_runs_every_method_and_keeps_dW_Q_zero(tmp_path):
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in methods.values()), methods
     for label in ("fora_lora", "fora_full"):  # fp32 master weights: the update stays out of span(Q)
         assert methods[label]["dW_Q_over_dW"] < 1e-4 < 0.3 < methods[label]["dW_Q_over_dW_if_blind"]
+    # bf16 weights: the optimizer's float32 master obeys dW Q = 0, the stored weights are one rounding (2^-8) away
+    assert methods["fora_full_bf16_weights"]["dW_Q_over_W"] <= 2.0**-8
     assert "| fora_full |" in out.with_suffix(".md").read_text()

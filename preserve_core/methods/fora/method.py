@@ -17,12 +17,13 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ...errors import PPFTError
+from ...progress import notice
 from ...sharding import like
 from ..adapter_export import save_lora_factors_as_peft
 from ..base import PRESERVE_STATS, Method, MethodOptions
 from .bases import RightProjector, compute_bases, input_projector
 from .layer import ForaLinear
-from .optim import ProjectedAdamW
+from .optim import LOW_PRECISION, ProjectedAdamW
 from .refresh import current_preserve_covs, refresh_batches, refreshed_projectors
 
 BASES = ("right", "u1", "u_c", "v_c")
@@ -156,6 +157,14 @@ class Fora(Method):
         params = [p for p in model.parameters() if p.requires_grad]
         projectors = {layer.base.weight: (layer.projector, layer.u1) for layer in self.layers.values()}
         anchors = {self.layers[n].base.weight: w0 for n, w0 in self.anchors.items()}
+        low = sorted({str(w.dtype).removeprefix("torch.") for w in projectors if w.dtype in LOW_PRECISION})
+        if low:
+            notice(
+                f"fora form: full on {'/'.join(low)} weights: the optimizer keeps a float32 master copy and float32 "
+                "moments of every target weight (12 bytes per weight); dW Q = 0 holds for the master, the stored "
+                "weights are one rounding away from it. For the exact guarantee set model.dtype: float32 (with "
+                "training.mixed_precision: bf16 on a GPU)."
+            )
         self.optimizer = ProjectedAdamW(
             params, lr=training.lr, betas=training.adam_betas, eps=training.adam_eps,
             weight_decay=training.weight_decay, projectors=projectors, anchors=anchors,
