@@ -403,12 +403,12 @@ def test_bf16_full_form_keeps_float32_masters_resumes_exactly_and_leaks_one_roun
     def recipe(name):
         return write_recipe(name, model={"dtype": "bfloat16"}, method=method, training=common, calibration=calibration_settings)
 
-    straight = run(recipe("bf16-straight"))
+    straight = run_recipe(recipe("bf16-straight"))
     assert "float32 master copy" in capsys.readouterr().err  # the user is told, with the exact alternative
-    first = run(recipe("bf16-resumed"))
+    first = run_recipe(recipe("bf16-resumed"))
     shutil.rmtree(first.run_dir / "final")
     shutil.rmtree(list_checkpoints(first.run_dir)[-1])
-    resumed = run(recipe("bf16-resumed"), resume=True)
+    resumed = run_recipe(recipe("bf16-resumed"), resume=True)
     trainable = [n.removesuffix(".base.weight") for n, p in straight.model.named_parameters() if p.requires_grad]
     state = _read_state(list_checkpoints(straight.run_dir)[-1] / "state.pt")["optimizer"]["state"]
     masters = {name: state[i]["master"] for i, name in enumerate(trainable)}
