@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import PPFTError, RecipeError
+from ..evaluation.generation import left_pad
 from ..recipe_schema import CalibrationConfig
 from .dist import Dist
 
@@ -96,18 +97,6 @@ def start_sequences(tokenizer, cfg: CalibrationConfig, batch_index: int, size: i
 def batch_seed(seed: int, batch_index: int) -> int:
     """A distinct 63-bit seed per (recipe seed, batch)."""
     return (seed * 1_000_003 + batch_index * 7_919 + 12_345) % (2**63 - 1)
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask``, both [B, T], padded on the left (for generation)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
 
 
 def eos_ids(model: nn.Module, tokenizer) -> list[int]:
