@@ -686,3 +686,42 @@ def test_restore_keeps_the_checkpoint_schedule_or_applies_accepted_changes(tmp_p
         model, opt, sched = build(0.01)
         state = training._restore(training.ResumePoint(path, changes), method, model, opt, sched, None)
         assert state.step == 3 and opt.param_groups[0]["lr"] == pytest.approx(lr) and sched.last_epoch == 3
+
+
+def test_a_run_and_its_resume_record_what_happened(write_recipe, tiny_task_file):
+    """Manifest, metrics, checkpoints and final folder of a 3-step LoRA run, then of its resume from step 2.
+
+    LoRA r = 4 on the 7 projections of 2 layers (hidden 32, kv 16, MLP 64): 4 (in + out) each,
+    ``2 * 4 * (64 + 48 + 48 + 64 + 96 + 96 + 96) = 4096`` trainable parameters."""
+    import json
+
+    from conftest import rewind_to_previous_checkpoint, run_recipe
+
+    path = write_recipe(data={"eval": str(tiny_task_file)},
+                        training={"max_steps": 3, "save_every": 2, "keep_last": 3, "eval_every": 2})  # fmt: skip
+    result = run_recipe(path)
+    run_dir = result.run_dir
+    assert (result.final_dir, result.steps, result.interrupted) == (run_dir / "final", 3, False)
+    assert (run_dir / "final" / "adapter_model.safetensors").exists() and not (run_dir / ".tmp-final").exists()
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-000002", "checkpoint-000003"]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = {"step", "loss", "lr", "tokens_per_s", "step_seconds", "grad_norm", "tokens"}
+    assert [(m["step"], set(m)) for m in lines] == [(1, keys), (2, keys), (2, {"step", "eval_loss"}), (3, keys)]
+    assert lines == result.metrics
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    parts = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert sorted(manifest["target_modules"]) == sorted(f"model.layers.{i}.{p}" for i in range(2) for p in parts)
+    assert (manifest["method"], manifest["regularizers"], manifest["trainable_parameters"]) == ("lora", [], 4096)
+    assert (manifest["data"]["examples"], manifest["num_processes"], manifest["distributed"]) == (64, 1, "none")
+    assert "resumed" not in manifest and manifest["model_fingerprint"]
+
+    assert rewind_to_previous_checkpoint(run_dir).name == "checkpoint-000002"
+    resumed = run_recipe(path, resume=True)
+    assert resumed.steps == 3 and resumed.final_dir == run_dir / "final"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["resumed"] == {"checkpoint": "checkpoint-000002", "recipe_changes": {}, "step": 2}
+    again = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    event = {"step": 2, "event": "resume", "checkpoint": "checkpoint-000002", "recipe_changes": {}}
+    assert again[:3] == lines[:3] and again[3] == event and again[4]["step"] == 3 and len(again) == 5
+    assert again[4]["tokens"] == lines[3]["tokens"]  # the token count came back with the checkpoint
+    assert again[4]["loss"] == pytest.approx(lines[3]["loss"], abs=1e-6)
