@@ -725,3 +725,46 @@ def test_a_run_and_its_resume_record_what_happened(write_recipe, tiny_task_file)
     assert again[:3] == lines[:3] and again[3] == event and again[4]["step"] == 3 and len(again) == 5
     assert again[4]["tokens"] == lines[3]["tokens"]  # the token count came back with the checkpoint
     assert again[4]["loss"] == pytest.approx(lines[3]["loss"], abs=1e-6)
+
+
+def test_train_wires_lock_run_folder_resume_and_defaults(tmp_path, monkeypatch):
+    """``train``'s own steps, each replaced by a recorder: what it calls, with which arguments, in order."""
+    from contextlib import contextmanager
+
+    calls = []
+
+    @contextmanager
+    def lock(run_dir):
+        calls.append(("lock", run_dir))
+        yield
+        calls.append(("unlock", run_dir))
+
+    accelerator = FakeAccelerator()
+    accelerator.num_processes = 1
+    recipe = SimpleNamespace(training=SimpleNamespace(threads=3), output=SimpleNamespace(overwrite=True), run_dir=lambda: tmp_path)
+    monkeypatch.setattr(training, "set_threads", lambda n: calls.append(("threads", n)))
+    monkeypatch.setattr(training, "fsdp_settings", lambda r: calls.append(("fsdp", r)) or "fsdp-settings")
+    monkeypatch.setattr(training, "check_fsdp_recipe", lambda r, s: calls.append(("check", r, s)))
+    monkeypatch.setattr(training, "make_accelerator", lambda r: calls.append(("accelerator", r)) or accelerator)
+    monkeypatch.setattr(training, "run_lock", lock)
+    monkeypatch.setattr(training, "prepare_run_dir", lambda *args: calls.append(("prepare", *args)))
+    monkeypatch.setattr(training, "resume_checkpoint", lambda run_dir: calls.append(("resume", run_dir)) or tmp_path / "ck")
+    monkeypatch.setattr(training, "check_recipe_changes", lambda *args: calls.append(("changes", *args)) or {"k": [1, 2]})
+    monkeypatch.setattr(training, "_train_locked", lambda *args: calls.append(("locked", *args)) or "result")
+
+    assert training.train(recipe) == "result"
+    assert calls == [("threads", 3), ("fsdp", recipe), ("check", recipe, "fsdp-settings"), ("accelerator", recipe),
+                     ("lock", tmp_path), ("prepare", tmp_path, False, True),
+                     ("locked", recipe, accelerator, tmp_path, None, True, "fsdp-settings"), ("unlock", tmp_path)]  # fmt: skip
+    calls.clear()
+    monkeypatch.setattr(training, "fsdp_settings", lambda r: None)
+    monkeypatch.setattr(training, "check_fsdp_recipe", lambda r, s: pytest.fail("no FSDP settings to check"))
+    training.train(recipe, resume=True, show_progress=False)
+    start = training.ResumePoint(tmp_path / "ck", {"k": [1, 2]})
+    assert calls == [("threads", 3), ("accelerator", recipe), ("lock", tmp_path), ("prepare", tmp_path, True, True),
+                     ("resume", tmp_path), ("changes", recipe, tmp_path / "ck", False),
+                     ("locked", recipe, accelerator, tmp_path, start, False, None), ("unlock", tmp_path)]  # fmt: skip
+    calls.clear()
+    accelerator.is_main_process = False  # other ranks neither lock nor prepare the folder
+    training.train(recipe, resume=True, allow_changes=True)
+    assert [c[0] for c in calls] == ["threads", "accelerator", "resume", "changes", "locked"] and calls[3][-1] is True
