@@ -189,6 +189,22 @@ def test_each_rank_takes_every_world_th_batch_and_sums_are_reduced():
         torch.testing.assert_close(stats.sums[key].full().double(), 2 * total, rtol=1e-5, atol=1e-5)
 
 
+def test_collect_input_stats_reduces_over_the_accelerators_ranks():
+    """``collect_input_stats(..., accelerator=...)``: rank 0 of 2 reads batch 0 of 2; the fake all-reduce doubles."""
+
+    def reduce(tensor, reduction):
+        return tensor * 2
+
+    model = ToyLM()
+    accelerator = SimpleNamespace(process_index=0, num_processes=2, reduce=reduce)
+    stats = collect_input_stats(model, NAMES, toy_batches(), positions="all", accelerator=accelerator)
+    first = reference(model, toy_batches()[:1], "all")
+    for name, key in (("b", "{a,b}"), ("c", "c")):
+        cov, count = stats[name]
+        assert count == 2 * 8
+        torch.testing.assert_close(cov.double(), first[key][0] / 8, rtol=1e-5, atol=1e-6)
+
+
 def test_float32_sums_under_a_float64_default_dtype():
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
