@@ -375,3 +375,43 @@ def test_exact_match_rows_need_a_prompt(tmp_path):
     task = EvalTask(name="em", kind="exact_match", data=write_rows(tmp_path, [{"completion": "a"}]))
     with pytest.raises(RecipeError, match=r"rows need column\(s\) \['prompt'\]"):
         run_exact_match(limited(None), TOK, task, 2)
+
+
+@pytest.mark.parametrize(("row", "missing"), [({"prompt": "a"}, "['completion']"), ({"completion": "a"}, "['prompt']")])
+def test_perplexity_rows_need_text_or_prompt_and_completion(tmp_path, row, missing):
+    task = EvalTask(name="ppl", kind="perplexity", data=write_rows(tmp_path, [row]))
+    with pytest.raises(RecipeError) as err:
+        run_perplexity(Bigram(random_table(0)), TOK, task, 1)
+    assert str(err.value).startswith(f"eval task 'ppl' (perplexity): rows need column(s) {missing}")
+
+
+def test_perplexity_without_eos_and_completion_scores_nothing(tmp_path):
+    """A tokenizer with no eos and an empty completion: no scored position, start = len(ids) -> an error, not 0."""
+
+    class NoEos:
+        bos_token_id, eos_token_id, pad_token_id = BOS, None, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": ids(text)}
+
+    task = EvalTask(name="ppl", kind="perplexity", data=write_rows(tmp_path, [{"prompt": "ab", "completion": ""}]))
+    assert tasks._encode_perplexity(task, NoEos()) == [([BOS, *ids("ab")], 3)]
+    with pytest.raises(RecipeError, match="eval task 'ppl': no tokens to score"):
+        run_perplexity(Bigram(random_table(0)), NoEos(), task, 1)
+
+
+def test_perplexity_stderr_of_two_tokens(tmp_path):
+    """'a' scores a and eos: stderr = ppl * |nll_1 - nll_2| / sqrt(2) / sqrt(2) (the sample std of two values)."""
+    table = random_table(9)
+    nll = [-logp(table, BOS, ids("a")[0]), -logp(table, ids("a")[0], EOS)]
+    ppl = math.exp(sum(nll) / 2)
+    task = EvalTask(name="ppl", kind="perplexity", data=write_rows(tmp_path, [{"text": "a"}]))
+    r = run_perplexity(Bigram(table), TOK, task, 1)
+    assert r.n == 2 and r.stderr == pytest.approx(ppl * abs(nll[0] - nll[1]) / 2, rel=1e-4) and r.stderr > 0
+
+
+def test_kl_rows_need_text_or_prompt(tmp_path):
+    task = EvalTask(name="kl", kind="kl_to_base", data=write_rows(tmp_path, [{"completion": "a"}]))
+    with pytest.raises(RecipeError) as err:
+        run_kl_to_base(Bigram(random_table(0)), TOK, task, 1, base_model=Bigram(random_table(1)))
+    assert str(err.value).startswith("eval task 'kl' (kl_to_base): rows need column(s) ['prompt']")
