@@ -15,6 +15,7 @@ import torch
 
 from preserve_core.errors import RecipeError
 from preserve_core.evaluation import runner
+from preserve_core.evaluation.cache import tokenizer_fingerprint
 from preserve_core.evaluation.runner import (
     base_results,
     default_device,
@@ -255,6 +256,9 @@ def test_run_eval_second_checkpoint_reads_the_base_from_the_cache(harness, tmp_p
     assert [t.base_cached for t in second.tasks] == [True, True] and second.passed  # -25 is within 30 points
     assert [s["model"] for s in harness.suites] == [str(other)]  # only the tuned model ran
     assert second.samples == {"t": {"base": [{"model": "org/base"}], "tuned": [{"model": str(other)}]}}
+    entries = [json.loads(p.read_text()) for p in (tmp_path / "run" / "eval" / "cache").glob("*.json")]
+    assert [e["identity"] for e in entries] == [{"version": 1, "model": "fp-org/base", "dtype": "float32",
+                                                  "tokenizer": tokenizer_fingerprint(TOK)}] * 2  # fmt: skip
 
 
 def test_run_eval_keeps_the_base_for_kl_of_a_full_model(harness, tmp_path):
@@ -279,8 +283,10 @@ def test_run_eval_adapters_use_the_base_instance(harness, tmp_path, monkeypatch)
 
 
 def test_run_eval_refuses_empty_or_ambiguous_suites(harness, tmp_path):
-    with pytest.raises(RecipeError, match=r"the recipe's eval: section has no tasks: add eval.target and/or eval.preserve"):
+    with pytest.raises(RecipeError) as err:
         run_eval(recipe(tmp_path, target=(), preserve=()))
+    assert str(err.value) == ("the recipe's eval: section has no tasks: add eval.target and/or eval.preserve "
+                              "(see docs/eval.md)")  # fmt: skip
     with pytest.raises(RecipeError, match="two tasks are named 't'"):
         run_eval(recipe(tmp_path, target=("t",), preserve=("t",)))
     assert harness.calls == []  # refused before anything loads
