@@ -89,6 +89,7 @@ def test_primary_metric_is_the_first_non_stderr_metric():
     per_task = {"alias": "x", "acc_stderr,none": 0.1, "acc,none": 0.5, "acc_norm,none": 0.6}
     assert primary_metric(per_task) == ("acc", "acc,none")
     assert primary_metric({"exact_match,strict-match": 0.25}) == ("exact_match", "exact_match,strict-match")
+    assert primary_metric({"em,strip,lower": 0.25}) == ("em", "em,strip,lower")  # the metric ends at the first comma
     with pytest.raises(PPFTError, match=r"lm-eval reported no metric: \['acc_stderr,none', 'alias'\]"):
         primary_metric({"alias": "x", "acc_stderr,none": 0.1})
 
@@ -101,6 +102,7 @@ def test_stderr_reads_the_matching_key_when_finite():
     assert _stderr(per_task, "f1,flt") is None and _stderr(per_task, "em,x") is None
     assert _stderr(per_task, "mc2,none") is None
     assert _stderr({"acc,none": 0.5, "acc_stderr,other": 0.1}, "acc,none") is None  # the filter must match
+    assert _stderr({"em,a,b": 0.5, "em_stderr,a,b": 0.25}, "em,a,b") == 0.25  # a filter name holding a comma
 
 
 def two_tasks(**over) -> dict:
@@ -141,6 +143,10 @@ def test_summarize_defaults_and_units():
     mixed["higher_is_better"]["t2"] = {"word_perplexity": True}
     assert summarize(lm_task("t1", "t2"), mixed).unit == "ratio"  # one metric outside the fraction set
     assert summarize(lm_task("t2"), two_tasks()).unit == "fraction"
+    every = {"results": {m: {f"{m},none": 0.5} for m in sorted(FRACTION_METRICS)}}
+    assert summarize(lm_task(*sorted(FRACTION_METRICS)), every).unit == "fraction"  # all ten at once
+    commas = {"results": {"t": {"em,strip,lower": 0.5, "em_stderr,strip,lower": 0.1}}}
+    assert summarize(lm_task("t"), commas).extra == {"t/em": 0.5, "t/em_stderr": 0.1}
     assert {"acc", "acc_norm", "exact_match", "em", "f1", "mcc", "mc1", "mc2", "pass@1", "brier_score"} == FRACTION_METRICS
 
 

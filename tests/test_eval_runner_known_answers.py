@@ -273,13 +273,17 @@ def test_run_eval_keeps_the_base_for_kl_of_a_full_model(harness, tmp_path):
 def test_run_eval_adapters_use_the_base_instance(harness, tmp_path, monkeypatch):
     import peft
 
-    monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda base, path: SimpleNamespace(name=path, score=0.25))
+    bases = []
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained",
+                        lambda base, path: bases.append(base) or SimpleNamespace(name=path, score=0.25))  # fmt: skip
     r = recipe(tmp_path, preserve=("p", "drift"), kinds={"drift": "kl_to_base"})
     final = folder(tmp_path / "run" / "final", "adapter_config.json")
     report = run_eval(r)
     assert report.checkpoint_kind == "adapter" and [t.tuned for t in report.tasks] == [0.25, 0.25, 0.25]
     assert harness.suites[-1] == {"model": str(final), "tokenizer": TOK, "tasks": ["t", "p", "drift"],
                                   "batch_size": 3, "base_model": None}  # KL: the adapter disabled, not a base copy
+    assert harness.calls == [("tokenizer", "org/base"), ("load", "org/base", False, "dev")]  # one model in memory
+    assert [b.name for b in bases] == ["org/base"]
 
 
 def test_run_eval_refuses_empty_or_ambiguous_suites(harness, tmp_path):
