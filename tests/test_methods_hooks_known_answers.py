@@ -1,0 +1,232 @@
+"""Known answers for the per-step hooks and state of FoLoRA and FORA, without a training run.
+
+The methods are built on two tiny layers with hand-set bases, so each hook's effect (which gate, which
+step refreshes, which keys a checkpoint holds, which error a stale checkpoint raises) can be checked
+against values written here (issue 13's mutation run).
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from preserve_core.errors import PPFTError
+from preserve_core.methods.base import PRESERVE_STATS
+from preserve_core.methods.folora.gated_adam import GatedAdamW
+from preserve_core.methods.folora.layer import FoloraLinear
+from preserve_core.methods.folora.method import Folora, FoloraOptions
+from preserve_core.methods.fora.bases import ForaBases, RightProjector
+from preserve_core.methods.fora.layer import ForaLinear
+from preserve_core.methods.fora.method import BASES_HASH, Fora, ForaOptions
+
+CPU = torch.device("cpu")
+VECTORS = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 4.0]])
+VALUES = torch.tensor([8.0, 4.0, 2.0, 0.0], dtype=torch.float64)
+
+
+def folora(max_steps: int = 10, **options) -> Folora:
+    """FoLoRA on three layers: "q" and "k" read input "x", "o" reads input "y"; V = diag(1, 2, 0.5, 4)."""
+    recipe = SimpleNamespace(training=SimpleNamespace(max_steps=max_steps), calibration=SimpleNamespace(task_positions="all"))
+    method = Folora(FoloraOptions(r=2, alpha=4.0, **options), SimpleNamespace(recipe=recipe, device=CPU))
+    shared = VECTORS.clone()
+    for name, key in (("q", "x"), ("k", "x"), ("o", "y")):
+        torch.manual_seed(len(name) + ord(name))
+        method.wrappers[name] = FoloraLinear(nn.Linear(4, 3), shared if key == "x" else VECTORS.clone(), 2, 4.0, 0.0, 0.1)
+        method.names_by_key.setdefault(key, []).append(name)
+    for key in ("x", "y"):
+        method.values[key] = VALUES.clone()
+        method.step_scales[key] = method._step_scale(method.wrappers[method.names_by_key[key][0]].basis)
+    return method
+
+
+def test_step_scale_is_one_or_the_inverse_column_length():
+    assert torch.equal(folora()._step_scale(VECTORS), torch.ones(4))
+    euclidean = folora(step="euclidean")._step_scale(torch.cat([VECTORS, torch.zeros(4, 1)], 1))
+    assert euclidean.dtype == torch.float32
+    torch.testing.assert_close(euclidean[:4], torch.tensor([1.0, 0.5, 2.0, 0.25]), atol=0, rtol=0)
+    assert euclidean[4].item() == pytest.approx(1e30, rel=1e-6)  # a zero column: clamped, not inf
+
+
+def test_gate_follows_the_quantile_schedule_and_records_gamma():
+    method = folora(max_steps=10, gamma_schedule="linear", gamma_quantile_start=0.0, gamma_quantile=1.0)
+    method.step = 5  # quantile 0.5 of (0, 2, 4, 8): gamma 3
+    torch.testing.assert_close(method._gate("x"), torch.tensor([8 / 11, 4 / 7, 2 / 5, 0.0]))
+    assert method.gammas == {"x": 3.0}
+    hard = folora(gate="hard", hard_k=0.5)  # half of K = 4: the top 2
+    assert hard._gate("y").tolist() == [1.0, 1.0, 0.0, 0.0] and hard.gammas["y"] == 3.0
+    assert folora(gate="hard", gamma_quantile=0.75)._gate("y").tolist() == [1.0, 0.0, 0.0, 0.0]  # gamma 5
+    sharp = folora(gate="temperature", temperature=0.5)._gate("x")  # l^2 / (l^2 + 9)
+    torch.testing.assert_close(sharp, torch.tensor([64 / 73, 16 / 25, 4 / 13, 0.0]))
+
+
+def test_set_gates_gives_every_layer_of_an_input_its_gate_times_the_step_scale():
+    method = folora(step="euclidean")
+    method.step_scales = {key: method._step_scale(VECTORS) for key in ("x", "y")}
+    params = [w.lora_A_tilde for w in method.wrappers.values()]
+    optimizer = GatedAdamW(params, lr=0.1)
+    method._set_gates(SimpleNamespace(optimizer=optimizer))  # through an Accelerate-like wrapper
+    expected = torch.tensor([8 / 11, 4 / 7 * 0.5, 2 / 5 * 2, 0.0])  # median of (0, 2, 4, 8) = 3
+    for w in method.wrappers.values():
+        torch.testing.assert_close(optimizer.gate(w.lora_A_tilde), expected)
+
+
+def test_after_step_refreshes_on_multiples_of_refresh_every_before_the_last_step():
+    method = folora(max_steps=8, refresh_every=3, refresh_window=2)
+    refreshed, gated = [], []
+    method.refresh = lambda optimizer: refreshed.append((method.step, optimizer))
+    method._set_gates = lambda optimizer: gated.append(method.step)
+    optimizer = GatedAdamW([nn.Parameter(torch.zeros(1))], lr=0.1)
+    windows = {}
+    for step in range(1, 9):
+        method.after_step(None, SimpleNamespace(optimizer=optimizer), step)
+        windows[step] = method.window_open
+    assert [s for s, _ in refreshed] == [3, 6] and all(o is optimizer for _, o in refreshed)  # not 9 > 8, unwrapped
+    assert gated == list(range(1, 9)) and method.step == 8
+    assert [s for s, w in windows.items() if w] == [1, 2, 4, 5, 7, 8]  # the next step s + 1 is in a window: 2-3, 5-6, 8-9
+    never = folora(max_steps=6, refresh_every=3)
+    never.refresh = lambda optimizer: refreshed.append(("never", optimizer))
+    never._set_gates = lambda optimizer: None
+    never.after_step(None, optimizer, 6)  # the last step: nothing after it to refresh for
+    assert refreshed[-1][0] == 6 and len(refreshed) == 2
+
+
+def test_recording_hooks_arm_the_layers_and_extra_loss_feeds_the_window():
+    method = folora(refresh_every=2, refresh_window=1)
+    method.step = 1  # step 2 ends at a refresh: inside the window
+    method._set_recording()
+    assert method.window_open is True
+    method._arm_recording(None, ())
+    assert all(w.record_inputs for w in method.wrappers.values())
+    x_in, y_in = torch.ones(1, 2, 4), torch.full((1, 2, 4), 2.0)
+    method.wrappers["q"].last_input, method.wrappers["k"].last_input = x_in, torch.zeros(1, 2, 4)
+    method.wrappers["o"].last_input = y_in
+    batch = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    assert method.extra_loss(None, batch, None) is None
+    assert all(w.last_input is None and w.record_inputs is False for w in method.wrappers.values())
+    torch.testing.assert_close(method.window.estimates()["x"], torch.ones(4, 4))  # the first layer of "x": q
+    torch.testing.assert_close(method.window.estimates()["y"], torch.full((4, 4), 4.0))
+    method.extra_loss(None, batch, None)  # nothing recorded: the window is unchanged
+    assert float(method.window.counts["x"]) == 2
+    method.step = 2
+    method._set_recording()
+    assert method.window_open is False
+
+
+def test_state_dict_round_trip():
+    method = folora()
+    method.step, method.gammas = 7, {"x": 1.5}
+    method.rebased = {"y"}
+    method.task_covs = {"x": torch.eye(4)}
+    method.window.sums["x"], method.window.counts["x"] = torch.ones(4, 4), torch.tensor(3.0, dtype=torch.float64)
+    state = method.state_dict()
+    assert set(state) == {"step", "basis/y", "values/x", "values/y", "gamma/x", "gamma/y", "task_cov/x",
+                          "window_sum/x", "window_count/x"}  # fmt: skip
+    assert state["step"].dtype == torch.int64 and int(state["step"]) == 7
+    assert state["gamma/x"].dtype == torch.float64 and float(state["gamma/x"]) == 1.5 and math.isnan(float(state["gamma/y"]))
+    assert state["basis/y"] is method.wrappers["o"].basis
+    other = folora(step="euclidean")
+    new_basis = VECTORS * 2
+    other.load_state_dict({**state, "basis/y": new_basis, "values/y": VALUES + 1})
+    assert other.step == 7 and other.rebased == {"y"} and other.gammas["x"] == 1.5
+    torch.testing.assert_close(other.wrappers["o"].basis, new_basis, atol=0, rtol=0)
+    torch.testing.assert_close(other.wrappers["q"].basis, VECTORS, atol=0, rtol=0)  # not re-based: kept
+    torch.testing.assert_close(other.values["y"], VALUES + 1, atol=0, rtol=0)
+    torch.testing.assert_close(other.step_scales["y"], torch.tensor([0.5, 0.25, 1.0, 0.125]))  # from the loaded basis
+    torch.testing.assert_close(other.task_covs["x"], torch.eye(4), atol=0, rtol=0)
+    assert set(other.task_covs) == {"x"} and float(other.window.counts["x"]) == 3
+
+
+def test_lora_factors_and_weight_deltas():
+    method = folora()
+    for w in method.wrappers.values():
+        with torch.no_grad():
+            w.lora_B.fill_(1.0)
+    factors = method.lora_factors()
+    deltas = method.weight_deltas()
+    assert set(deltas) == {"q.weight", "k.weight", "o.weight"}
+    for name, (a, b) in factors.items():
+        w = method.wrappers[name]
+        torch.testing.assert_close(a, w.lora_A_tilde.detach() @ VECTORS.T)
+        torch.testing.assert_close(b, torch.full((3, 2), 2.0))  # (alpha / r) B
+        torch.testing.assert_close(deltas[f"{name}.weight"], b @ a)
+    assert method.track_weight_deltas() is None
+
+
+# -- FORA ---------------------------------------------------------------------------------------
+
+
+def fora(form: str = "lora", **options) -> Fora:
+    calibration = SimpleNamespace(input_key=lambda name: {"q": "x", "k": "x", "o": "y"}[name])
+    ctx = SimpleNamespace(recipe=SimpleNamespace(training=SimpleNamespace(max_steps=10)), device=CPU, calibration=calibration)
+    method = Fora(ForaOptions(form=form, **options), ctx)
+    shared = RightProjector(torch.eye(4)[:, :1])
+    for name in ("q", "k", "o"):
+        right = shared if name != "o" else RightProjector(torch.eye(4)[:, :3], complement=True)
+        bases = ForaBases(right, torch.zeros(3, 0), torch.zeros(3, 0), torch.zeros(4, 0))
+        method.layers[name] = ForaLinear(nn.Linear(4, 3), bases, r=2 if form == "lora" else 0)
+    return method
+
+
+def test_fora_needs_and_adapter_flag():
+    assert Fora.needs_for(ForaOptions()) == frozenset({PRESERVE_STATS})
+    assert Fora.needs_for(ForaOptions(source="weight")) == frozenset()
+    assert fora("lora").is_adapter is True and fora("full").is_adapter is False
+
+
+def test_fora_after_step_refreshes_on_multiples_before_the_last_step():
+    method = fora("full", refresh_every=4)
+    calls = []
+    method.refresh_q = lambda model: calls.append(model)
+    for step in range(1, 11):
+        method.after_step(f"model@{step}", None, step)
+    assert calls == ["model@4", "model@8"]
+    idle = fora("full")
+    idle.refresh_q = lambda model: calls.append(model)
+    idle.after_step("x", None, 4)
+    assert len(calls) == 2
+
+
+def test_fora_bases_digest_is_cached_and_sees_names_shapes_and_sharing():
+    method = fora()
+    first = method.bases_digest()
+    assert isinstance(first, bytes) and len(first) == 32
+    method.layers["q"].u1 = torch.ones(3, 1)  # after the first call the digest is cached
+    assert method.bases_digest() == first
+    unshared = fora()
+    unshared.layers["k"].right = unshared.layers["k"].right.clone()  # equal values, but no longer one tensor
+    assert unshared.bases_digest() != first
+    flipped = fora()
+    flipped.layers["o"].q_complement = False
+    assert flipped.bases_digest() != first
+    renamed = fora()
+    renamed.layers = {("p" if n == "q" else n): layer for n, layer in renamed.layers.items()}
+    assert renamed.bases_digest() != first
+
+
+def test_fora_state_round_trip_and_stale_checkpoints():
+    method = fora("full")
+    state = method.state_dict()
+    assert set(state) == {BASES_HASH} and state[BASES_HASH].dtype == torch.uint8
+    assert bytes(state[BASES_HASH].tolist()) == method.bases_digest()
+    method.refreshed = {"y": RightProjector(torch.eye(4)[:, 2:], complement=True)}
+    state = method.state_dict()
+    assert set(state) == {BASES_HASH, "refreshed/y", "refreshed_complement/y"}
+    assert bool(state["refreshed_complement/y"]) is True
+    resumed = fora("full")
+    resumed.optimizer = SimpleNamespace(calls=[])
+    resumed.optimizer.set_projector = lambda p, right, u1: resumed.optimizer.calls.append((p, right.vectors, u1))
+    resumed.load_state_dict(state)
+    assert set(resumed.refreshed) == {"y"} and resumed.refreshed["y"].complement is True
+    layer = resumed.layers["o"]
+    torch.testing.assert_close(layer.right, torch.eye(4)[:, 2:], atol=0, rtol=0)
+    assert layer.q_complement is True and resumed.layers["q"].right.shape == (4, 1)  # "x" not refreshed
+    assert [(p is layer.base.weight) for p, _, _ in resumed.optimizer.calls] == [True]
+    with pytest.raises(PPFTError, match="no bases hash .* resume is not possible"):
+        fora("full").load_state_dict({})
+    stale = {BASES_HASH: torch.zeros(32, dtype=torch.uint8)}
+    with pytest.raises(PPFTError, match="differ from those the checkpoint was trained with"):
+        fora("full").load_state_dict(stale)
