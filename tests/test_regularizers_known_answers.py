@@ -1,0 +1,147 @@
+"""Known answers for the KL and EWC regularisers' own code, on the tiny Llama without a training run.
+
+The KL reference is built here from the definition: ``lambda T^2 KL(p_0^T || p^T)`` averaged over the
+real positions of the preserve batch, with ``p_0`` from an untouched copy of the model (float64).
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import build_char_tokenizer, build_tiny_llama
+from preserve_core.errors import PPFTError, RecipeError
+from preserve_core.methods.kl_terms import PreserveBatches
+from preserve_core.methods.regularizer_options import EwcRegularizerOptions, KlRegularizerOptions
+from preserve_core.methods.regularizers.ewc import EwcRegularizer, fisher_parameter_names
+from preserve_core.methods.regularizers.kl import KlRegularizer, rank_world, trainable_snapshot
+
+TEXTS = ["abc", "de", "fghij", "", "k"]  # the empty text gives [bos] only and is kept; max_length 5 cuts "fghij"
+TRAINED = "model.layers.0.mlp.down_proj"
+
+
+def kl_setup(**options):
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_llama(len(tokenizer))
+    model.requires_grad_(False)
+    model.get_submodule(TRAINED).requires_grad_(True)
+    ctx = SimpleNamespace(
+        calibration=SimpleNamespace(preserve_texts=TEXTS), tokenizer=tokenizer,
+        recipe=SimpleNamespace(data=SimpleNamespace(max_length=5)), device=torch.device("cpu"),
+    )  # fmt: skip
+    regularizer = KlRegularizer(KlRegularizerOptions(**{"preserve_batch_size": 2, "seed": 4, **options}), ctx)
+    return regularizer, model, tokenizer
+
+
+def test_kl_attach_encodes_pads_and_snapshots():
+    regularizer, model, tokenizer = kl_setup()
+    base = copy.deepcopy(model)
+    regularizer.attach(model, SimpleNamespace())
+    assert regularizer.lengths.tolist() == [4, 3, 5, 1, 2]  # [bos] + text, cut to 5
+    assert regularizer.ids.shape == (5, 5) and int(regularizer.ids[1, 3]) == tokenizer.pad_token_id
+    assert regularizer.ids[2].tolist() == [tokenizer.bos_token_id] + tokenizer("fghi", add_special_tokens=False)["input_ids"]
+    assert set(regularizer.theta0) == {f"{TRAINED}.weight"}
+    assert regularizer.theta0[f"{TRAINED}.weight"].data_ptr() != model.get_submodule(TRAINED).weight.data_ptr()
+    assert (regularizer.batches.n, regularizer.batches.batch_size, regularizer.batches.seed) == (5, 2, 4)
+    assert (regularizer.batches.rank, regularizer.batches.world) == (0, 1) == rank_world()
+    torch.testing.assert_close(regularizer.theta0[f"{TRAINED}.weight"], base.get_submodule(TRAINED).weight, atol=0, rtol=0)
+    kept = {"w": torch.ones(1)}
+    assert trainable_snapshot(model, SimpleNamespace(theta0=kept)) is kept  # the method's own theta_0, no copy
+
+
+def test_kl_preserve_batch_and_loss_by_hand():
+    regularizer, model, _ = kl_setup(strength=2.0, temperature=3.0)
+    base = copy.deepcopy(model)
+    regularizer.attach(model, SimpleNamespace())
+    assert float(regularizer.extra_loss(model, {}, None)) == pytest.approx(0.0, abs=1e-6)  # at theta_0
+    with torch.no_grad():
+        model.get_submodule(TRAINED).weight.add_(0.3)
+    order = PreserveBatches(5, 2, 4)
+    order.next()
+    index = order.next()  # the regulariser's second draw
+    lengths = torch.tensor([4, 3, 5, 1, 2])[index]
+    width = int(lengths.max())
+    got_index, ids, mask = regularizer.preserve_batch()
+    assert got_index == index and ids.shape == (2, width)
+    assert mask.tolist() == [[1 if t < n else 0 for t in range(width)] for n in lengths.tolist()]
+    regularizer.batches.draws = 1
+    loss = regularizer.extra_loss(model, {}, None)
+    with torch.no_grad():
+        p = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double() / 3.0, -1)
+        p0 = torch.log_softmax(base(input_ids=ids, attention_mask=mask).logits.double() / 3.0, -1)
+    per_position = (p0.exp() * (p0 - p)).sum(-1)
+    expected = 2.0 * 9.0 * float((per_position * mask).sum() / mask.sum())
+    assert expected > 1e-4 and float(loss.detach()) == pytest.approx(expected, rel=1e-3)  # the loss runs in float32
+    assert loss.requires_grad
+    assert set(regularizer.state_dict()) == {"preserve_draws"} and int(regularizer.state_dict()["preserve_draws"]) == 2
+    regularizer.load_state_dict({"preserve_draws": torch.tensor(7)})
+    assert regularizer.batches.draws == 7
+
+
+def test_kl_strength_zero_and_cached_reference_checks():
+    regularizer, model, _ = kl_setup(strength=0.0)
+    regularizer.attach(model, SimpleNamespace())
+    assert regularizer.extra_loss(model, {}, None) is None and regularizer.batches.draws == 0
+    assert KlRegularizer.has_calibration_extra(KlRegularizerOptions(reference="cached")) is True
+    assert KlRegularizer.has_calibration_extra(KlRegularizerOptions()) is False
+    cached, model, _ = kl_setup(reference="cached", temperature=2.0)
+    cache = {"temperature": torch.tensor(1.5), "ids": torch.zeros(3, 4, dtype=torch.long), "lengths": torch.tensor([4, 2, 3])}
+    cached.ctx.calibration.extra = lambda name: cache if name == "kl" else None
+    with pytest.raises(RecipeError, match=r"temperature 1\.5, the recipe asks 2\.0; rerun `ppft calibrate <recipe> --force`"):
+        cached.attach(model, SimpleNamespace())
+    cache["temperature"] = torch.tensor(2.0 + 5e-7)  # within 1e-6: the same temperature
+    cached.attach(model, SimpleNamespace())
+    assert cached.ids is cache["ids"] and cached.batches.n == 3 and not hasattr(cached, "theta0")
+
+
+# -- EWC ----------------------------------------------------------------------------------------
+
+
+def test_fisher_parameter_names_are_the_targets_and_optionally_the_embeddings():
+    model = build_tiny_llama(40)
+    recipe = SimpleNamespace(model=SimpleNamespace(target_modules=["q_proj"], train_embeddings=False))
+    assert fisher_parameter_names(model, recipe) == ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    recipe.model.train_embeddings = True
+    names = fisher_parameter_names(model, recipe)
+    assert names[:2] == ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    assert sorted(names[2:]) == ["lm_head.weight", "model.embed_tokens.weight"]
+    recipe.model.target_modules = ["lm_head"]
+    assert fisher_parameter_names(model, recipe) == ["lm_head.weight", "model.embed_tokens.weight"]  # no repeat
+
+
+class _Deltas:
+    """A method whose weight change is fixed: ``dW["a"] = [[1, -2]]``, ``dW["b"] = [[3]]``."""
+
+    def __init__(self):
+        self.tracked = 0
+        self.a = torch.tensor([[1.0, -2.0]], requires_grad=True)
+
+    def track_weight_deltas(self):
+        self.tracked += 1
+
+    def delta_names(self):
+        return ["a", "b"]
+
+    def weight_deltas(self):
+        return {"a": self.a, "b": torch.tensor([[3.0]])}
+
+
+def test_ewc_attach_and_penalty_by_hand():
+    fisher = {"a": torch.tensor([[2.0, 0.5]]), "b": torch.tensor([[4.0]]), "unused": torch.ones(1)}
+    ctx = SimpleNamespace(calibration=SimpleNamespace(extra=lambda name: fisher if name == "ewc" else {}), device=torch.device("cpu"))
+    regularizer = EwcRegularizer(EwcRegularizerOptions(strength=0.5), ctx)
+    method = _Deltas()
+    regularizer.attach(None, method)
+    assert method.tracked == 1 and set(regularizer.fisher) == {"a", "b"}
+    penalty = regularizer.extra_loss(None, {}, None)  # (0.5 / 2) (2 * 1 + 0.5 * 4 + 4 * 9) = 10
+    assert float(penalty.detach()) == pytest.approx(10.0)
+    penalty.backward()
+    torch.testing.assert_close(method.a.grad, torch.tensor([[0.5 * 2.0 * 1.0, 0.5 * 0.5 * -2.0]]))  # lambda F dW
+    assert EwcRegularizer(EwcRegularizerOptions(strength=0.0), ctx).extra_loss(None, {}, None) is None
+    assert EwcRegularizer.has_calibration_extra(EwcRegularizerOptions()) is True
+    lacking = EwcRegularizer(EwcRegularizerOptions(), SimpleNamespace(calibration=SimpleNamespace(extra=lambda name: {"a": fisher["a"]})))
+    with pytest.raises(PPFTError, match=r"ewc: the cached Fisher lacks \['b'\] .*rerun `ppft calibrate <recipe> --force`"):
+        lacking.attach(None, _Deltas())
