@@ -145,3 +145,57 @@ def test_ewc_attach_and_penalty_by_hand():
     lacking = EwcRegularizer(EwcRegularizerOptions(), SimpleNamespace(calibration=SimpleNamespace(extra=lambda name: {"a": fisher["a"]})))
     with pytest.raises(PPFTError, match=r"ewc: the cached Fisher lacks \['b'\] .*rerun `ppft calibrate <recipe> --force`"):
         lacking.attach(None, _Deltas())
+
+
+# -- forms (the parametrisation the baselines regularise) ----------------------------------------
+
+
+def test_unfreeze_targets_and_lora_config():
+    from preserve_core.methods.forms import lora_config, unfreeze_targets
+
+    model = build_tiny_llama(40)
+    unfreeze_targets(model, [TRAINED], train_embeddings=False)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [f"{TRAINED}.weight"]
+    unfreeze_targets(model, [TRAINED], train_embeddings=True)
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == sorted(
+        ["lm_head.weight", f"{TRAINED}.weight", "model.embed_tokens.weight"])  # fmt: skip
+    options = SimpleNamespace(r=3, alpha=6.0, dropout=0.1, use_rslora=True)
+    config = lora_config(options, (TRAINED,), init_lora_weights="pissa")
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.use_rslora) == (3, 6.0, 0.1, True)
+    assert list(config.target_modules) == [TRAINED] and config.bias == "none" and config.init_lora_weights == "pissa"
+    assert str(config.task_type).endswith("CAUSAL_LM")
+
+
+def test_full_form_deltas_and_their_squared_norm():
+    from preserve_core.methods.l2sp import L2sp, L2spOptions
+
+    ctx = SimpleNamespace(target_modules=[TRAINED], recipe=SimpleNamespace(model=SimpleNamespace(train_embeddings=False)))
+    method = L2sp(L2spOptions(strength=1.0), ctx)
+    model = method.prepare_model(build_tiny_llama(40))
+    assert method.delta_names() == [f"{TRAINED}.weight"] and method.is_adapter is False
+    weight = model.get_submodule(TRAINED).weight
+    with torch.no_grad():
+        weight.add_(0.5)
+    deltas = method.weight_deltas()
+    torch.testing.assert_close(deltas[f"{TRAINED}.weight"], torch.full(weight.shape, 0.5))
+    assert float(method.weight_delta_sq_norm().detach()) == pytest.approx(0.25 * weight.numel())
+    assert float(method.regularizer.extra_loss(model, {}, None).detach()) == pytest.approx(0.5 * 0.25 * weight.numel())
+
+
+def test_lora_form_deltas_are_s_b_a():
+    from preserve_core.methods.forms import lora_delta, lora_delta_sq_norm, lora_factors
+    from preserve_core.methods.l2sp import L2sp, L2spOptions
+
+    ctx = SimpleNamespace(target_modules=[TRAINED], recipe=SimpleNamespace(model=SimpleNamespace(train_embeddings=False)))
+    method = L2sp(L2spOptions(form="lora", r=2, alpha=3.0), ctx)
+    method.prepare_model(build_tiny_llama(40))
+    layer = method.lora_layers[TRAINED]
+    a, b, s = lora_factors(layer)
+    assert s == 1.5 and a.shape == (2, 64) and b.shape == (32, 2) and method.is_adapter is True
+    with torch.no_grad():
+        b.copy_(torch.arange(64.0).reshape(32, 2) / 64)
+    expected = 1.5 * b.detach().double() @ a.detach().double()
+    torch.testing.assert_close(lora_delta(layer).detach().double(), expected, atol=1e-6, rtol=1e-5)
+    assert float(lora_delta_sq_norm(layer).detach()) == pytest.approx(float((expected**2).sum()), rel=1e-5)
+    assert method.delta_names() == [f"{TRAINED}.weight"]
+    assert float(method.weight_delta_sq_norm().detach()) == pytest.approx(float((expected**2).sum()), rel=1e-5)
