@@ -8,6 +8,7 @@ against values written here (issue 13's mutation run).
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -225,9 +226,13 @@ def test_fora_state_round_trip_and_stale_checkpoints():
     layer = resumed.layers["o"]
     torch.testing.assert_close(layer.right, torch.eye(4)[:, 2:], atol=0, rtol=0)
     assert layer.q_complement is True and resumed.layers["q"].right.shape == (4, 1)  # "x" not refreshed
-    assert [(p is layer.base.weight) for p, _, _ in resumed.optimizer.calls] == [True]
-    with pytest.raises(PPFTError, match="no bases hash .* resume is not possible"):
+    assert [(p is layer.base.weight, u1 is layer.u1) for p, _, u1 in resumed.optimizer.calls] == [(True, True)]
+    old = "this FORA checkpoint has no bases hash (made by an older ppft); resume is not possible"
+    with pytest.raises(PPFTError, match=f"^{re.escape(old)}$"):
         fora("full").load_state_dict({})
     stale = {BASES_HASH: torch.zeros(32, dtype=torch.uint8)}
-    with pytest.raises(PPFTError, match="differ from those the checkpoint was trained with"):
+    changed = ("FORA's bases recomputed from the calibration differ from those the checkpoint was trained with (the "
+               "calibration, the method options or the numerics changed). Restore that calibration, or start the run "
+               "afresh (without --resume).")  # fmt: skip
+    with pytest.raises(PPFTError, match=f"^{re.escape(changed)}$"):
         fora("full").load_state_dict(stale)
