@@ -445,3 +445,47 @@ def test_check_factors_names_the_module_and_shapes():
             _check_factors(model, "0", torch.zeros(*a), torch.zeros(*b))
     with pytest.raises(ValueError, match="^0: rank-0 factors cannot be stored as a LoRA; leave the module out$"):
         _check_factors(model, "0", torch.zeros(0, 3), torch.zeros(2, 0))
+
+
+# -- ProjectedAdamW's edges (the equivalence with AdamW on M is tests/test_fora.py's) ------------
+
+
+def test_projected_adamw_plain_parameters_take_adamw_steps_with_decay():
+    from preserve_core.methods.fora.optim import ProjectedAdamW
+
+    torch.manual_seed(0)
+    ours, theirs, idle = nn.Parameter(torch.randn(3, 2)), None, nn.Parameter(torch.ones(2))
+    theirs = nn.Parameter(ours.detach().clone())
+    optimizer = ProjectedAdamW([ours, idle], lr=0.1, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.3)
+    reference = torch.optim.AdamW([theirs], lr=0.1, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.3)
+    for step in range(3):
+        grad = torch.randn(3, 2)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        assert optimizer.step(closure=lambda: torch.tensor(float(step))) == float(step)
+        reference.step()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), atol=1e-6, rtol=1e-6)
+    assert idle not in optimizer.state and torch.equal(idle.detach(), torch.ones(2))
+    assert float(optimizer.state[ours]["step"]) == 3
+
+
+def test_projected_adamw_projector_sharing_refresh_and_anchor_check():
+    from preserve_core.methods.fora.optim import ProjectedAdamW
+
+    q = torch.eye(3)[:, :2]  # k = 2 of 3: kept as its complement e_2, made once for both weights
+    a, b = nn.Parameter(torch.zeros(2, 3)), nn.Parameter(torch.zeros(2, 3))
+    u1 = torch.zeros(2, 0)
+    optimizer = ProjectedAdamW([a, b], lr=0.1, projectors={a: (q, u1), b: (q, u1)})
+    assert optimizer.projectors[a][0] is optimizer.projectors[b][0] and optimizer.projectors[a][0].complement
+    a.grad, b.grad = torch.ones(2, 3), torch.ones(2, 3)
+    optimizer.step()
+    assert a.detach()[:, :2].abs().max() == 0 and a.detach()[:, 2].abs().min() > 0.09  # only e_2 moves
+    optimizer.set_projector(a, torch.eye(3)[:, 2:], torch.tensor([[1.0], [0.0]]))  # now protect e_2 and output row 0
+    before = a.detach().clone()
+    a.grad = torch.ones(2, 3)
+    optimizer.step()
+    moved = a.detach() - before
+    assert moved[0].abs().max() == 0 and moved[1, 2] == 0 and moved[1, :2].abs().min() > 0
+    with pytest.raises(ValueError, match="^weight decay on a projected parameter needs its W_0 anchor$"):
+        ProjectedAdamW([a], lr=0.1, weight_decay=0.1, projectors={a: (q, u1)})
+    decayed = ProjectedAdamW([a], lr=0.1, weight_decay=0.1, projectors={a: (q, u1)}, anchors={a: torch.zeros(2, 3)})
+    assert decayed.anchors[a].shape == (2, 3)
