@@ -199,3 +199,52 @@ def test_lora_form_deltas_are_s_b_a():
     assert float(lora_delta_sq_norm(layer).detach()) == pytest.approx(float((expected**2).sum()), rel=1e-5)
     assert method.delta_names() == [f"{TRAINED}.weight"]
     assert float(method.weight_delta_sq_norm().detach()) == pytest.approx(float((expected**2).sum()), rel=1e-5)
+
+
+# -- replay and the regulariser collection -------------------------------------------------------
+
+
+def test_replay_count_and_rows():
+    from preserve_core.methods.regularizers.replay import preserve_rows, replay_count
+
+    assert [replay_count(n, rho) for n, rho in ((30, 0.25), (10, 0.5), (7, 0.0), (3, 0.1))] == [10, 10, 0, 0]
+    tokenizer = build_char_tokenizer()
+    rows = preserve_rows(["abcdef", "", "gh"], tokenizer, 4, 5, seed=2)  # "" gives [bos] alone: nothing to learn
+    encoded = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("abc", "gh")]
+    order = torch.randperm(2, generator=torch.Generator().manual_seed(2)).tolist()
+    assert rows["input_ids"] == [encoded[order[i % 2]] for i in range(5)]  # cut to 4 tokens, cycled
+    assert rows["labels"] == rows["input_ids"] and rows["labels"][0] is not rows["input_ids"][0]
+    with pytest.raises(ValueError, match="^replay: no preserve text has a token to learn from$"):
+        preserve_rows(["", ""], tokenizer, 4, 1, seed=0)
+    assert preserve_rows([""], tokenizer, 4, 0, seed=0) == {"input_ids": [], "labels": []}
+
+
+class _Fixed:
+    def __init__(self, name, loss, state=None):
+        self.name, self.loss, self.state, self.loaded = name, loss, state or {}, None
+
+    def extra_loss(self, model, batch, outputs):
+        return self.loss
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.loaded = state
+
+
+def test_regularizers_sum_their_losses_and_prefix_their_state():
+    from preserve_core.methods.regularizers import Regularizers, regularizer_needs
+    from preserve_core.methods.base import PRESERVE_DATA
+    from preserve_core.methods.regularizer_options import L2spRegularizerOptions
+
+    collection = Regularizers([], None)
+    assert len(collection) == 0 and collection.extra_loss(None, {}, None) is None
+    collection.items = [_Fixed("kl", None, {"draws": torch.tensor(3)}), _Fixed("ewc", torch.tensor(2.0)), _Fixed("l2sp", torch.tensor(0.5))]
+    assert float(collection.extra_loss(None, {}, None)) == 2.5
+    assert set(collection.state_dict()) == {"kl/draws"}
+    collection.load_state_dict({"kl/draws": torch.tensor(4), "ewc/x": torch.tensor(1), "kl2/y": torch.tensor(0)})
+    assert set(collection.items[0].loaded) == {"draws"} and set(collection.items[1].loaded) == {"x"}
+    assert collection.items[2].loaded == {}
+    assert regularizer_needs([L2spRegularizerOptions()]) == frozenset()
+    assert regularizer_needs([L2spRegularizerOptions(), EwcRegularizerOptions(), KlRegularizerOptions()]) == frozenset({PRESERVE_DATA})
