@@ -236,3 +236,49 @@ def test_fora_state_round_trip_and_stale_checkpoints():
                "afresh (without --resume).")  # fmt: skip
     with pytest.raises(PPFTError, match=f"^{re.escape(changed)}$"):
         fora("full").load_state_dict(stale)
+
+
+# -- the Method defaults ------------------------------------------------------------------------
+
+
+def test_method_defaults():
+    from preserve_core.methods.base import Method, unwrap_model
+    from preserve_core.methods.kl import Kl
+    from preserve_core.methods.lora import Lora
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    model[0].requires_grad_(False)
+    method = Method(SimpleNamespace(), SimpleNamespace())
+    groups = method.parameter_groups(model, 0.25)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.25
+    assert [p is q for p, q in zip(groups[0]["params"], model[1].parameters(), strict=True)] == [True, True]
+    training = SimpleNamespace(weight_decay=0.1, lr=0.02, adam_betas=(0.8, 0.9), adam_eps=1e-5)
+    optimizer = method.build_optimizer(model, training)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.02, (0.8, 0.9), 1e-5, 0.1)
+    state = method.trainable_state(model)
+    assert set(state) == {"1.weight", "1.bias"} and not state["1.weight"].requires_grad
+    method.load_trainable_state(model, {"1.bias": torch.tensor([5.0])})
+    assert model[1].bias.item() == 5.0
+    with pytest.raises(KeyError, match=r"checkpoint has parameters the model lacks: \['2.weight'\]"):
+        method.load_trainable_state(model, {"2.weight": torch.zeros(1)})
+    for hook in (method.track_weight_deltas, method.weight_deltas):
+        method.name = "plain"
+        with pytest.raises(NotImplementedError, match="^method plain does not expose its weight change$"):
+            hook()
+    method.weight_deltas = lambda: {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([[3.0]])}
+    assert method.delta_names() == ["a", "b"] and float(method.weight_delta_sq_norm()) == 14.0
+    assert Method.has_calibration_extra(SimpleNamespace()) is False and Lora.has_calibration_extra(SimpleNamespace()) is False
+    assert Kl.has_calibration_extra(Kl.Options()) is True  # the top-k cache is written for either reference
+
+    class Cached(Method):
+        @classmethod
+        def calibrate_extra(cls, model, tokenizer, preserve_texts, recipe):
+            return {"x": torch.ones(1)}
+
+    assert Cached.has_calibration_extra(SimpleNamespace()) is True and Method.calibrate_extra(None, None, [], None) == {}
+    ddp_like = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    nn.Module.__init__(ddp_like)
+    ddp_like.module = model
+    assert unwrap_model(ddp_like) is model and unwrap_model(model) is model
