@@ -57,8 +57,8 @@ def test_gate_follows_the_quantile_schedule_and_records_gamma():
     method.step = 5  # quantile 0.5 of (0, 2, 4, 8): gamma 3
     torch.testing.assert_close(method._gate("x"), torch.tensor([8 / 11, 4 / 7, 2 / 5, 0.0]))
     assert method.gammas == {"x": 3.0}
-    hard = folora(gate="hard", hard_k=0.5)  # half of K = 4: the top 2
-    assert hard._gate("y").tolist() == [1.0, 1.0, 0.0, 0.0] and hard.gammas["y"] == 3.0
+    hard = folora(gate="hard", hard_k=0.75)  # 3 of K = 4, though only 2 reach gamma = 3
+    assert hard._gate("y").tolist() == [1.0, 1.0, 1.0, 0.0] and hard.gammas["y"] == 3.0
     assert folora(gate="hard", gamma_quantile=0.75)._gate("y").tolist() == [1.0, 0.0, 0.0, 0.0]  # gamma 5
     sharp = folora(gate="temperature", temperature=0.5)._gate("x")  # l^2 / (l^2 + 9)
     torch.testing.assert_close(sharp, torch.tensor([64 / 73, 16 / 25, 4 / 13, 0.0]))
