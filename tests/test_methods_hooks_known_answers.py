@@ -282,3 +282,36 @@ def test_method_defaults():
     nn.Module.__init__(ddp_like)
     ddp_like.module = model
     assert unwrap_model(ddp_like) is model and unwrap_model(model) is model
+
+
+# -- FORA's refresh of Q ------------------------------------------------------------------------
+
+
+def test_fora_refresh_measures_the_current_model_in_eval_mode_and_solves_once_per_input():
+    from conftest import build_tiny_llama
+    from preserve_core.methods.fora.refresh import current_preserve_covs, refreshed_projectors
+
+    model = build_tiny_llama(40, layers=1).train()
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].detach())))
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 0]])
+    batches = [{"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}]
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj"]
+    covs = current_preserve_covs(model, names, batches)
+    assert model.training is True and seen[0][0] is False  # measured in eval mode, restored after
+    seen.clear()
+    with torch.no_grad():
+        model.eval()(input_ids=ids, attention_mask=batches[0]["attention_mask"])
+    x = seen[0][1][batches[0]["attention_mask"].bool()].double()  # the 7 real positions
+    torch.testing.assert_close(covs[names[0]].double(), x.T @ x / 7, atol=1e-5, rtol=1e-5)
+    assert covs[names[0]] is covs[names[1]] and covs[names[2]] is not covs[names[0]]
+    options = SimpleNamespace(energy=0.5, rank=None, max_rank=0.9)
+    projectors = refreshed_projectors(covs, options, CPU)
+    assert projectors[names[0]] is projectors[names[1]] and projectors[names[2]] is not projectors[names[0]]
+    values, vectors = torch.linalg.eigh(covs[names[0]].double())
+    share = values.flip(0).cumsum(0) / values.sum()
+    k = int((share < 0.5).sum()) + 1
+    assert projectors[names[0]].rank == k
+    top = vectors.flip(1)[:, :k]
+    torch.testing.assert_close(projectors[names[0]].protected().double() @ projectors[names[0]].protected().double().T,
+                               top @ top.T, atol=1e-4, rtol=0)  # fmt: skip
