@@ -79,14 +79,15 @@ def test_after_step_refreshes_on_multiples_of_refresh_every_before_the_last_step
     method = folora(max_steps=8, refresh_every=3, refresh_window=2)
     refreshed, gated = [], []
     method.refresh = lambda optimizer: refreshed.append((method.step, optimizer))
-    method._set_gates = lambda optimizer: gated.append(method.step)
+    method._set_gates = lambda optimizer: gated.append((method.step, optimizer))
     optimizer = GatedAdamW([nn.Parameter(torch.zeros(1))], lr=0.1)
     windows = {}
+    wrapped = SimpleNamespace(optimizer=optimizer)
     for step in range(1, 9):
-        method.after_step(None, SimpleNamespace(optimizer=optimizer), step)
+        method.after_step(None, wrapped, step)
         windows[step] = method.window_open
     assert [s for s, _ in refreshed] == [3, 6] and all(o is optimizer for _, o in refreshed)  # not 9 > 8, unwrapped
-    assert gated == list(range(1, 9)) and method.step == 8
+    assert gated == [(s, wrapped) for s in range(1, 9)] and method.step == 8
     assert [s for s, w in windows.items() if w] == [1, 2, 4, 5, 7, 8]  # the next step s + 1 is in a window: 2-3, 5-6, 8-9
     never = folora(max_steps=6, refresh_every=3)
     never.refresh = lambda optimizer: refreshed.append(("never", optimizer))
