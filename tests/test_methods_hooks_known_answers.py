@@ -146,14 +146,14 @@ def test_lora_factors_and_weight_deltas():
     method = folora()
     for w in method.wrappers.values():
         with torch.no_grad():
-            w.lora_B.fill_(1.0)
+            w.lora_B.fill_(0.5)
     factors = method.lora_factors()
     deltas = method.weight_deltas()
     assert set(deltas) == {"q.weight", "k.weight", "o.weight"}
     for name, (a, b) in factors.items():
         w = method.wrappers[name]
         torch.testing.assert_close(a, w.lora_A_tilde.detach() @ VECTORS.T)
-        torch.testing.assert_close(b, torch.full((3, 2), 2.0))  # (alpha / r) B
+        torch.testing.assert_close(b, torch.full((3, 2), 1.0))  # (alpha / r) B
         torch.testing.assert_close(deltas[f"{name}.weight"], b @ a)
     assert method.track_weight_deltas() is None
 
