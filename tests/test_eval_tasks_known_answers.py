@@ -7,6 +7,7 @@ over that table, written out from the task's definition (not by calling the code
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -415,3 +416,34 @@ def test_kl_rows_need_text_or_prompt(tmp_path):
     with pytest.raises(RecipeError) as err:
         run_kl_to_base(Bigram(random_table(0)), TOK, task, 1, base_model=Bigram(random_table(1)))
     assert str(err.value).startswith("eval task 'kl' (kl_to_base): rows need column(s) ['prompt']")
+
+
+class AdapterBigram(Bigram):
+    """A PEFT-like model: the tuned table, or the base table inside ``disable_adapter()``."""
+
+    def __init__(self, tuned: torch.Tensor, base: torch.Tensor):
+        super().__init__(tuned)
+        self.base_table = torch.nn.Parameter(base.float(), requires_grad=False)
+        self.disabled = False
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        self.disabled = True
+        try:
+            yield
+        finally:
+            self.disabled = False
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return SimpleNamespace(logits=(self.base_table if self.disabled else self.table)[input_ids])
+
+
+def test_kl_to_base_of_an_adapter_model_and_of_two_positions(tmp_path):
+    """No base model given: the base is the same model with its adapter disabled. '[bos] a': 2 positions,
+    stderr = |kl_1 - kl_2| / sqrt(2) / sqrt(2)."""
+    base_t, tuned_t = random_table(1), random_table(2)
+    kl = [kl_at(base_t, tuned_t, BOS), kl_at(base_t, tuned_t, ids("a")[0])]
+    task = EvalTask(name="kl", kind="kl_to_base", data=write_rows(tmp_path, [{"text": "a"}]))
+    r = run_kl_to_base(AdapterBigram(tuned_t, base_t), TOK, task, 1)
+    assert r.n == 2 and r.score == pytest.approx(sum(kl) / 2, rel=1e-4)
+    assert r.stderr == pytest.approx(abs(kl[0] - kl[1]) / 2, rel=1e-3) and r.stderr > 0
