@@ -48,6 +48,7 @@ def test_left_pad_by_hand():
     ("text", "stops", "expected"),
     [
         ("abc\ndef", ["\n"], "abc"),
+        ("a\nb\nc", ["\n"], "a"),  # the first occurrence
         ("abc\ndef", ["e", "\n"], "abc"),  # the earliest stop wins, whatever the list order
         ("abc\ndef", ["", "c"], "ab"),  # an empty stop string is ignored
         ("xabc", ["x"], ""),  # a stop at position 0 leaves nothing
