@@ -88,6 +88,8 @@ def test_stop_on_strings_decodes_only_a_window_after_the_prompt():
     short = StopOnStrings(tok, ["bc"], prompt_width=2)
     short(torch.tensor([enc("zz") + enc("def")]), None)
     assert tok.decoded == [enc("def")]
+    split = StopOnStrings(tok, ["ab"], prompt_width=1)  # special tokens are not text: 'a', pad, 'b' reads 'ab'
+    assert split(torch.tensor([enc("z") + enc("a") + [0] + enc("b")]), None).tolist() == [True]
     none = StopOnStrings(tok, [], prompt_width=1)
     assert none(torch.tensor([enc("abc"), enc("abc")]), None).tolist() == [False, False]
 

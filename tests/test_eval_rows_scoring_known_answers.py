@@ -99,12 +99,14 @@ def test_encodings_put_bos_first_and_no_other_special_tokens():
     assert bos_ids(SimpleNamespace(bos_token_id=0)) == [0]  # id 0 is a real id
 
 
-def test_data_stamp_identifies_the_files_state(tmp_path):
+def test_data_stamp_identifies_the_files_state(tmp_path, monkeypatch):
     path = tmp_path / "r.jsonl"
     path.write_text("abc")
     st = os.stat(path)
     assert _data_stamp(EvalTask(name="a", kind="perplexity", data=str(path))) == f"{path.resolve()}:3:{st.st_mtime_ns}"
-    assert _data_stamp(EvalTask(name="a", kind="perplexity", data="lab:shift")) == "lab:shift"
+    monkeypatch.chdir(tmp_path)
+    Path("lab:shift").write_text("a file of that name")
+    assert _data_stamp(EvalTask(name="a", kind="perplexity", data="lab:shift")) == "lab:shift"  # a lab ref, not the file
     assert _data_stamp(EvalTask(name="a", kind="perplexity")) == "None"
     assert _data_stamp(EvalTask(name="a", kind="perplexity", data="org/missing")) == "org/missing"
 
