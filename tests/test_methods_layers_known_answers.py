@@ -489,3 +489,41 @@ def test_projected_adamw_projector_sharing_refresh_and_anchor_check():
         ProjectedAdamW([a], lr=0.1, weight_decay=0.1, projectors={a: (q, u1)})
     decayed = ProjectedAdamW([a], lr=0.1, weight_decay=0.1, projectors={a: (q, u1)}, anchors={a: torch.zeros(2, 3)})
     assert decayed.anchors[a].shape == (2, 3)
+
+
+def test_fora_linear_defaults_buffers_and_init():
+    bases = ForaBases(RightProjector(Q.double()), U1.double(), UC.double(), VC.double())
+    plain = ForaLinear(nn.Linear(N, M), bases)  # defaults: r 0 (full form), no dropout
+    assert plain.r == 0 and plain.scale == 0.0 and not hasattr(plain, "lora_A") and plain.q_complement is False
+    assert all(getattr(plain, k).dtype == torch.float32 for k in ("right", "u1", "u_c", "v_c"))  # float64 given
+    assert set(plain.state_dict()) == {"base.weight", "base.bias", "delta"}  # the bases are not checkpointed
+    lora = ForaLinear(nn.Linear(N, M), bases, r=2)
+    assert lora.scale == 0.5 and isinstance(lora.dropout, nn.Identity)  # alpha defaults to 1
+    assert set(lora.state_dict()) == {"base.weight", "base.bias", "lora_A", "lora_B", "delta"}
+    assert isinstance(ForaLinear(nn.Linear(N, M), bases, r=2, dropout=0.1).dropout, nn.Dropout)
+    torch.manual_seed(0)
+    wide = ForaLinear(nn.Linear(100, M), ForaBases(RightProjector(torch.zeros(100, 0)), U1, UC, torch.zeros(100, 1)), r=64)
+    bound = 1 / math.sqrt(100)  # PEFT's kaiming_uniform_(a = sqrt(5)): U(-1/sqrt(n), 1/sqrt(n))
+    assert wide.lora_A.abs().max() <= bound and wide.lora_A.abs().max() > 0.99 * bound
+
+
+@pytest.mark.parametrize(("r", "dropout", "channel"), [(2, 0.0, True), (2, 0.1, True), (2, 0.0, False), (0, 0.0, True)])
+def test_fora_linear_keeps_a_bf16_models_dtype(r, dropout, channel):
+    layer = fora_layer(r, dropout, channel).eval()
+    layer.base.to(torch.bfloat16)
+    out = layer(X.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    expected = X.double() @ (W_TRUE + fora_delta(r, channel)).T + torch.tensor([0.5, -0.5], dtype=torch.float64)
+    torch.testing.assert_close(out.double(), expected, atol=0.2, rtol=0.02)
+    assert layer.merged_weight().dtype == torch.bfloat16
+
+
+def test_gated_adamw_defaults_and_one_dimensional_gates():
+    p = nn.Parameter(torch.zeros(3))
+    optimizer = GatedAdamW([p])
+    assert optimizer.defaults == {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, **{
+        k: v for k, v in optimizer.defaults.items() if k not in ("lr", "betas", "eps", "weight_decay")}}  # fmt: skip
+    optimizer.set_gate(p, torch.tensor([1.0, 0.0, 0.5]))  # a [K] parameter takes a [K] gate
+    p.grad = torch.ones(3)
+    optimizer.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([-1e-3, 0.0, -0.5e-3]), atol=1e-9, rtol=1e-5)
