@@ -33,6 +33,7 @@ class StandIn:
 
     def load_trainable_state(self, model, state):
         self.loaded_trainable = state
+        model.weight.data.copy_(state["weight"].T)
 
     def state_dict(self):
         return self.extra
@@ -83,6 +84,7 @@ def test_files_names_and_contents(tmp_path):
 def test_method_and_regularizer_files_only_when_they_hold_state(tmp_path):
     model, optimizer, scheduler = _training()
     extra, regs = {"basis": torch.arange(4.0)}, Regs({"ewc/fisher": torch.ones(2)})
+    tmp_path = tmp_path / "not" / "yet"  # the run folder's parents are made as needed
     path = save_checkpoint(tmp_path, TrainState(step=1), StandIn(extra), model, optimizer, scheduler, 1, regs)
     assert torch.equal(load_file(path / "method.safetensors")["basis"], torch.arange(4.0))
     assert torch.equal(load_file(path / "regularizers.safetensors")["ewc/fisher"], torch.ones(2))
@@ -132,6 +134,8 @@ def test_round_trip_restores_everything(tmp_path):
     torch.manual_seed(12)
     path = save_checkpoint(tmp_path, state, StandIn(extra), model, optimizer, scheduler, 2, regs)
     after_save = (random.random(), torch.rand(3))
+    saved_weight = model.weight.detach().clone()
+    model.weight.data.zero_()
     _, fresh_optimizer, fresh_scheduler = _training(seed=1)
     fresh_optimizer.state.clear()
     method, fresh_regs = StandIn(), Regs({})
@@ -140,7 +144,7 @@ def test_round_trip_restores_everything(tmp_path):
     loaded = load_checkpoint(path, method, model, fresh_optimizer, fresh_scheduler, fresh_regs)
     assert loaded == state
     assert (random.random(), *torch.rand(3).tolist()) == (after_save[0], *after_save[1].tolist())
-    assert torch.equal(method.loaded_trainable["weight"], model.weight.detach().T)
+    assert torch.equal(model.weight.detach(), saved_weight) and torch.equal(method.loaded_trainable["weight"], saved_weight.T)
     assert torch.equal(method.loaded_state["basis"], torch.arange(4.0))
     assert torch.equal(fresh_regs.loaded["ewc/fisher"], torch.ones(2))
     assert fresh_scheduler.last_epoch == 1
@@ -191,3 +195,17 @@ def test_cuda_rng_state_is_saved_and_restored_when_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     set_rng_state(state)  # written on a GPU, resumed on CPU: the CUDA part is skipped
     assert restored == [["cuda-rng"]] and sorted(rng_state()) == ["python", "torch"]
+
+
+def test_an_old_checkpoint_that_cannot_be_removed_does_not_fail_the_save(tmp_path):
+    """Rotation is best effort: ``rmtree`` refuses a symlinked folder, and the new checkpoint still stands."""
+    model, optimizer, scheduler = _training()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "state.pt").write_bytes(b"")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint-000001").symlink_to(elsewhere, target_is_directory=True)
+    path = save_checkpoint(run_dir, TrainState(step=2), StandIn(), model, optimizer, scheduler, keep_last=1)
+    assert path.name == "checkpoint-000002" and (path / "SHA256SUMS").exists()
+    assert (elsewhere / "state.pt").exists()  # nothing outside the run folder was deleted

@@ -137,6 +137,18 @@ def test_accelerator_on_cpu_drops_mixed_precision_and_keeps_accumulation():
     check_runtime(_recipe("no"))
 
 
+@pytest.mark.parametrize(
+    "cuda, precision, expected",
+    [(False, "bf16", (True, "no")), (False, "no", (True, "no")), (True, "bf16", (False, "bf16")), (True, "fp16", (False, "fp16"))],
+)
+def test_accelerator_options_by_machine(monkeypatch, cuda, precision, expected):
+    """The options ``make_accelerator`` asks Accelerate for: CPU mode and no autocast without CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(training, "Accelerator", lambda **options: options)
+    options = make_accelerator(_recipe(precision, grad_accum=2))
+    assert options == {"cpu": expected[0], "mixed_precision": expected[1], "gradient_accumulation_steps": 2}
+
+
 # ---------------------------------------------------------------------------------------------
 # the loop, with stand-ins
 # ---------------------------------------------------------------------------------------------
