@@ -201,6 +201,17 @@ def _scored_mean(example: dict) -> float:
     return float(example["input_ids"][0])  # every token holds the value
 
 
+def test_packing_is_checked_on_the_unwrapped_model(tmp_path, monkeypatch):
+    checked = []
+    monkeypatch.setattr(training, "check_packing_support", lambda model, vocab: checked.append((model, vocab)))
+    recipe = SimpleNamespace(training=_cfg(batch_size=2), data=SimpleNamespace(packing=True), run_dir=lambda: tmp_path)
+    model = Scalar()
+    tokenizer = type("Tok", (), {"pad_token_id": 0, "eos_token_id": 2, "__len__": lambda self: 17})()
+    loop = TrainingLoop(recipe, Accelerator(cpu=True), model, None, None, None, tokenizer, Rows.of([1, 2]), None, Log(), TrainState())
+    assert checked == [(model, 17)] and loop.stream.packing is True
+    assert "position_ids" in loop.stream.next()
+
+
 def test_loop_setup(tmp_path):
     loop = _loop(tmp_path, tokenizer=SimpleNamespace(pad_token_id=None, eos_token_id=2), state=TrainState(step=5, epoch=1, position=2))
     stream = loop.stream
@@ -576,7 +587,7 @@ class _NoBar:
 # ---------------------------------------------------------------------------------------------
 # manifest, export, method setup, resume restore
 # ---------------------------------------------------------------------------------------------
-def test_manifest_extra_fields(tmp_path):
+def test_manifest_extra_fields(tmp_path, monkeypatch):
     import hashlib
 
     data = tmp_path / "train.jsonl"
@@ -602,6 +613,8 @@ def test_manifest_extra_fields(tmp_path):
     }
     for processes, kind in ((2, "ddp"), (3, "ddp")):
         assert training._manifest_extra(recipe, "fp", model, method, truncation, 5, SimpleNamespace(num_processes=processes))["distributed"] == kind
+    monkeypatch.setattr(training, "is_sharded", lambda m: m is model)  # as if FSDP had sharded it
+    assert training._manifest_extra(recipe, "fp", model, method, truncation, 5, SimpleNamespace(num_processes=2))["distributed"] == "fsdp"
 
 
 class Exporter:
@@ -636,6 +649,24 @@ def test_export_final_renames_a_complete_folder_with_model_cards(tmp_path):
     write_model_card(tmp_path / "card", "org/base-model")
     card = (tmp_path / "card" / "README.md").read_text()
     assert (final / "README.md").read_text() == card and (final / "merged" / "README.md").read_text() == card
+
+
+def test_export_final_gathers_sharded_weights_on_every_rank(tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    gathered = []
+
+    @contextmanager
+    def full_parameters(model, is_main, trainable_only):
+        gathered.append((model, is_main, trainable_only))
+        yield
+
+    model = nn.Linear(1, 1)
+    monkeypatch.setattr(training, "is_sharded", lambda m: m is model)
+    monkeypatch.setattr(training, "full_parameters", full_parameters)
+    recipe = SimpleNamespace(run_dir=lambda: tmp_path, output=SimpleNamespace(merge=False))
+    training.export_final(recipe, FakeAccelerator(), Exporter(), model, None)
+    assert gathered == [(model, True, False)] and (tmp_path / "final" / "config.json").exists()
 
 
 def test_export_final_on_another_rank_writes_nothing(tmp_path):
@@ -693,11 +724,15 @@ def test_restore_keeps_the_checkpoint_schedule_or_applies_accepted_changes(tmp_p
         sched.step()
     method = SimpleNamespace(trainable_state=lambda m: {"weight": m.weight}, state_dict=lambda: {},
                              load_trainable_state=lambda m, s: None)  # fmt: skip
-    path = save_checkpoint(tmp_path, TrainState(step=3), method, model, opt, sched, 2)
+    regs = SimpleNamespace(state_dict=lambda: {"ewc/f": torch.ones(2)})
+    path = save_checkpoint(tmp_path, TrainState(step=3), method, model, opt, sched, 2, regs)
     for changes, lr in (({}, 0.1 / 4), ({"training.lr": [0.1, 0.01]}, 0.01 / 4)):
         model, opt, sched = build(0.01)
-        state = training._restore(training.ResumePoint(path, changes), method, model, opt, sched, None)
+        loaded = []
+        regs = SimpleNamespace(load_state_dict=loaded.append)
+        state = training._restore(training.ResumePoint(path, changes), method, model, opt, sched, regs)
         assert state.step == 3 and opt.param_groups[0]["lr"] == pytest.approx(lr) and sched.last_epoch == 3
+        assert [sorted(d) for d in loaded] == [["ewc/f"]]
 
 
 def test_a_run_and_its_resume_record_what_happened(write_recipe, tiny_task_file):
