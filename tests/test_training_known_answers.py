@@ -707,9 +707,21 @@ def test_setup_method_builds_the_context_and_calibrates_only_when_needed(write_r
     calls = []
     monkeypatch.setattr("preserve_core.calibration.ensure_calibration", lambda *args: calls.append(args) or "stats")
     monkeypatch.setattr(training, "regularizer_needs", lambda regs: {"preserve"})
+    made = []
+
+    class Recorded:
+        def __init__(self, configs, ctx):
+            made.append(("init", configs, ctx))
+
+        def attach(self, model, method):
+            made.append(("attach", model, method))
+
+    monkeypatch.setattr(training, "Regularizers", Recorded)
     model = load_model(recipe.model, accelerator.device)
-    method, _, _ = training.setup_method(recipe, model, tokenizer, accelerator)
+    method, prepared, regularizers = training.setup_method(recipe, model, tokenizer, accelerator)
     assert method.ctx.calibration == "stats" and calls == [(recipe, model, tokenizer, type(method), accelerator)]
+    assert made == [("init", recipe.method.regularizers, method.ctx), ("attach", prepared, method)]
+    assert isinstance(regularizers, Recorded)
 
 
 def test_restore_keeps_the_checkpoint_schedule_or_applies_accepted_changes(tmp_path):
