@@ -158,10 +158,10 @@ class Scalar(nn.Module):
     def __init__(self, w: float = 1.0):
         super().__init__()
         self.w = nn.Parameter(torch.tensor([w]))
-        self.calls = 0
+        self.calls, self.use_cache = 0, []
 
     def forward(self, input_ids, attention_mask=None, labels=None, use_cache=None, position_ids=None):
-        assert use_cache in (False, None)
+        self.use_cache.append(use_cache)
         self.calls += 1
         values = input_ids[:, 1:][labels[:, 1:] != -100].double()
         mean = values.mean().float() if values.numel() else torch.zeros(())
@@ -223,16 +223,20 @@ def test_loop_setup(tmp_path):
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_one_step_by_hand(tmp_path, grad_accum):
+def test_one_step_by_hand(tmp_path, monkeypatch, grad_accum):
     """SGD, lr 0.5: ``w <- w - 0.5 * mean_m(s_m)``; loss ``mean_m(w s_m)``; tokens ``sum_m len_m``."""
     rows = Rows.of([3, 4, 5, 6], values=[2, 4, 6, 8])
     loop = _loop(tmp_path, rows, grad_accum=grad_accum)
     loop.model.eval()
     order = [b[0] for b in epoch_batches(4, 1, 0, 0, 0, 1)][:grad_accum]
     s = [_scored_mean(rows[i]) for i in order]
+    clock = iter([10.0, 12.5])
+    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     loss, tokens, seconds, grad_norm = loop.one_step()
+    monkeypatch.undo()
     assert loss == pytest.approx(sum(s) / grad_accum) and grad_norm == pytest.approx(sum(s) / grad_accum)
-    assert tokens == sum(len(rows[i]["input_ids"]) for i in order) and seconds > 0
+    assert tokens == sum(len(rows[i]["input_ids"]) for i in order) and seconds == 2.5
+    assert loop.model.use_cache == [False] * grad_accum  # packed rows need position ids, not a cache
     assert float(loop.model.w.detach()) == pytest.approx(1 - 0.5 * sum(s) / grad_accum)
     assert loop.model.training and loop.model.w.grad is None  # zeroed (set to None) after the update
     st = loop.state
@@ -523,11 +527,12 @@ def tmp_path_of(loop) -> Path:
 
 @pytest.mark.parametrize("save_every, final_save", [(0, True), (3, False), (4, True)])
 def test_run_steps_to_the_end_and_saves_the_last_step_once(tmp_path, monkeypatch, save_every, final_save):
-    monkeypatch.setattr("preserve_core.retention.RetentionTracker.maybe", lambda recipe, tok, acc, model: "tracker")
+    monkeypatch.setattr("preserve_core.retention.RetentionTracker.maybe", lambda *args: ("tracker", *args))
     loop = _loop(tmp_path, max_steps=6, save_every=save_every)
     calls = _scripted(loop)
     result = loop.run(show_progress=False)
-    assert calls["after"] == [(10.0 + s, 5, 0.1, 0.2) for s in range(1, 7)] and loop.retention == "tracker"
+    assert calls["after"] == [(10.0 + s, 5, 0.1, 0.2) for s in range(1, 7)]
+    assert loop.retention == ("tracker", loop.recipe, loop.tokenizer, loop.accelerator, loop.model)
     assert calls["saved"] == ([(6, False)] if final_save else [])
     assert (result.run_dir, result.final_dir, result.steps, result.final_loss) == (tmp_path, None, 6, 16.0)
     assert not result.interrupted and not result.terminated and result.metrics is loop.metrics
@@ -827,3 +832,41 @@ def test_train_wires_lock_run_folder_resume_and_defaults(tmp_path, monkeypatch):
     accelerator.is_main_process = False  # other ranks neither lock nor prepare the folder
     training.train(recipe, resume=True, allow_changes=True)
     assert [c[0] for c in calls] == ["threads", "accelerator", "resume", "changes", "locked"] and calls[3][-1] is True
+
+
+def test_checkpoint_write_holds_interrupts_and_gathers_when_sharded(tmp_path, monkeypatch):
+    """The write runs inside ``deferred_interrupts`` (delivering a held Ctrl-C only if the run goes on);
+    under FSDP the trainable weights and the optimizer state are gathered first and the gathered state saved."""
+    from contextlib import contextmanager
+
+    seen = []
+
+    @contextmanager
+    def deferred(notice=None, deliver=True):
+        seen.append(("deferred", notice, deliver))
+        yield
+
+    @contextmanager
+    def full_parameters(model, is_main, trainable_only):
+        seen.append(("gather", model, is_main, trainable_only))
+        yield
+
+    gathered = {"state": {}, "param_groups": [{"lr": 0.25, "params": [0]}]}
+    monkeypatch.setattr(training, "deferred_interrupts", deferred)
+    monkeypatch.setattr(training, "full_parameters", full_parameters)
+    monkeypatch.setattr(training, "full_optimizer_state", lambda opt: seen.append(("optimizer", opt)) or gathered)
+    loop = _loop(tmp_path, state=TrainState(step=1))
+    loop.method.trainable_state = lambda model: {"w": model.w}
+    loop.method.state_dict = lambda: {}
+    loop.state.step = 2
+    loop.checkpoint()
+    loop.state.step = 3
+    loop.checkpoint(interrupted=True)
+    notice = "Interrupt: finishing the checkpoint write first."
+    assert seen == [("deferred", notice, True), ("deferred", notice, False)]
+    seen.clear()
+    loop.sharded = True
+    loop.state.step = 4
+    path = loop.checkpoint()
+    assert seen == [("gather", loop.model, True, True), ("optimizer", loop.optimizer), ("deferred", notice, True)]
+    assert torch.load(path / "state.pt", weights_only=True)["optimizer"] == gathered
