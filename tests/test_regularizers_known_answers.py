@@ -248,3 +248,32 @@ def test_regularizers_sum_their_losses_and_prefix_their_state():
     assert collection.items[2].loaded == {}
     assert regularizer_needs([L2spRegularizerOptions()]) == frozenset()
     assert regularizer_needs([L2spRegularizerOptions(), EwcRegularizerOptions(), KlRegularizerOptions()]) == frozenset({PRESERVE_DATA})
+
+
+def test_kl_cached_reference_top_k_plus_tail_by_hand():
+    """calibrate_extra caches the base's top-3 tempered log-probs; the loss is KL over those 3 classes plus
+    one tail bucket, lambda T^2 times its mean over real positions (float64 reference from an untouched copy)."""
+    regularizer, model, tokenizer = kl_setup(reference="cached", temperature=2.0, strength=0.5)
+    base = copy.deepcopy(model)
+    recipe = SimpleNamespace(data=SimpleNamespace(max_length=5), calibration=SimpleNamespace(kl_topk=3, stats_batch_size=2))
+    cache = KlRegularizer.calibrate_extra(model, tokenizer, TEXTS, recipe, regularizer.options)
+    assert set(cache) == {"ids", "lengths", "top_ids", "top_logp0", "temperature"} and float(cache["temperature"]) == 2.0
+    assert cache["lengths"].tolist() == [4, 3, 5, 1, 2] and cache["top_ids"].shape == (5, 5, 3)
+    regularizer.ctx.calibration.extra = lambda name: cache if name == "kl" else None
+    regularizer.attach(model, SimpleNamespace())
+    assert float(regularizer.extra_loss(model, {}, None).detach()) == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        model.get_submodule(TRAINED).weight.add_(0.3)
+    index, ids, mask = regularizer.preserve_batch()
+    regularizer.batches.draws -= 1
+    loss = regularizer.extra_loss(model, {}, None)
+    with torch.no_grad():
+        p = torch.softmax(model(input_ids=ids, attention_mask=mask).logits.double() / 2.0, -1)
+        p0 = torch.softmax(base(input_ids=ids, attention_mask=mask).logits.double() / 2.0, -1)
+    top = p0.topk(3, dim=-1).indices
+    q0, q = p0.gather(-1, top), p.gather(-1, top)
+    head = (q0 * (q0.log() - q.log())).sum(-1)
+    t0, t = 1 - q0.sum(-1), 1 - q.sum(-1)
+    per_position = head + t0 * (t0.log() - t.log())
+    expected = 0.5 * 4.0 * float((per_position * mask).sum() / mask.sum())
+    assert expected > 1e-4 and float(loss.detach()) == pytest.approx(expected, rel=2e-3)
