@@ -277,3 +277,24 @@ def test_kl_cached_reference_top_k_plus_tail_by_hand():
     per_position = head + t0 * (t0.log() - t.log())
     expected = 0.5 * 4.0 * float((per_position * mask).sum() / mask.sum())
     assert expected > 1e-4 and float(loss.detach()) == pytest.approx(expected, rel=2e-3)
+
+
+def test_kl_frozen_reference_uses_the_adapter_switch_or_the_methods_theta0():
+    import contextlib
+
+    regularizer, model, _ = kl_setup()
+    switched = []
+
+    @contextlib.contextmanager
+    def disable_adapter():
+        switched.append(True)
+        yield
+
+    model.disable_adapter = disable_adapter  # as PEFT models have: the base is the model with the adapter off
+    regularizer.attach(model, SimpleNamespace())
+    assert not hasattr(regularizer, "theta0")
+    assert float(regularizer.extra_loss(model, {}, None).detach()) == pytest.approx(0.0, abs=1e-6) and switched == [True]
+    own, plain, _ = kl_setup()
+    kept = {f"{TRAINED}.weight": plain.get_submodule(TRAINED).weight.detach().clone()}
+    own.attach(plain, SimpleNamespace(theta0=kept))
+    assert own.theta0 is kept  # the method's theta_0, not a second copy
