@@ -158,7 +158,9 @@ class CalibrationConfig(StrictModel):
     preserve_source: Literal["sample", "dataset"] = Field(
         "sample", description="sample: draw from the pretrained model; dataset: label-free text in preserve_data."
     )
-    preserve_data: PathText | None = Field(None, description="Text data (column 'text') when preserve_source is dataset.")
+    preserve_data: PathText | None = Field(
+        None, description="Text data (column 'text') when preserve_source is dataset; num_samples rows drawn at random (seed)."
+    )
     num_samples: int = Field(256, gt=0)
     batch_size: int = Field(32, gt=0)
     max_new_tokens: int = Field(64, gt=0)

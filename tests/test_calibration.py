@@ -481,11 +481,11 @@ def test_dataset_source_and_all_task_positions(write_recipe, model_and_tokenizer
     texts = ["abc def", "hello world", "", "x1 y2 z3"]
     data = tmp_path / "preserve.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    cfg = {**FAST, "preserve_source": "dataset", "preserve_data": str(data), "num_samples": 2}
+    cfg = {**FAST, "preserve_source": "dataset", "preserve_data": str(data), "num_samples": 3}
     both = ["preserve", "task"]
     loss = run_calibration(load_recipe(write_recipe("a", calibration=cfg)), model, tokenizer, Lora, stats=both)
-    assert loss.preserve_texts == ["abc def", "hello world"]
-    assert loss.token_counts()["preserve"] == (1 + 7) + (1 + 11)  # [bos] + characters, no eos
+    assert loss.preserve_texts == ["abc def", "hello world", "x1 y2 z3"]  # all of them, in file order
+    assert loss.token_counts()["preserve"] == (1 + 7) + (1 + 11) + (1 + 8)  # [bos] + characters, no eos
     everything = run_calibration(
         load_recipe(write_recipe("b", calibration={**cfg, "task_positions": "all"})), model, tokenizer, Lora, stats=both
     )
@@ -589,3 +589,32 @@ def test_thin_calibration_warns_once_with_the_worst_input(write_recipe, model_an
     deep = {**FAST, "num_samples": 64, "max_new_tokens": 40, "min_new_tokens": 30}
     run_calibration(load_recipe(write_recipe("deep", calibration=deep)), model, tokenizer, PreserveOnly)
     assert "tokens per dimension" not in capsys.readouterr().err
+
+
+def test_dataset_rows_are_drawn_across_an_ordered_file(tmp_path):
+    """A file written block by block (4 topics x 25 rows) calibrates on every block, not on its head."""
+    from preserve_core.calibration.pipeline import dataset_texts
+
+    data = tmp_path / "ordered.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{topic} {i}"}) + "\n" for topic in "abcd" for i in range(25)))
+    drawn = dataset_texts(str(data), 20, seed=0)
+    assert len(drawn) == len(set(drawn)) == 20
+    assert {t.split()[0] for t in drawn} == set("abcd")
+    order = [("abcd".index(t.split()[0]), int(t.split()[1])) for t in drawn]
+    assert order == sorted(order)  # file order kept
+    assert dataset_texts(str(data), 20, seed=0) == drawn
+    assert dataset_texts(str(data), 20, seed=1) != drawn
+    assert dataset_texts(str(data), 100, seed=3) == [f"{topic} {i}" for topic in "abcd" for i in range(25)]
+
+
+def test_dataset_draw_is_part_of_the_calibration_identity(write_recipe, model_and_tokenizer, tmp_path):
+    """Folders made from a file's first rows (before the draw) must not be reused: the settings say how rows were taken."""
+    from preserve_core.calibration.identity import calibration_settings
+
+    model, tokenizer = model_and_tokenizer
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"text": "abc"}) + "\n")
+    sampled = load_recipe(write_recipe("s", calibration=FAST))
+    dataset = load_recipe(write_recipe("d", calibration={**FAST, "preserve_source": "dataset", "preserve_data": str(data)}))
+    assert "dataset_rows" not in calibration_settings(sampled, model, tokenizer)["calibration"]
+    assert calibration_settings(dataset, model, tokenizer)["calibration"]["dataset_rows"] == "seeded-draw"

@@ -31,6 +31,8 @@ def calibration_settings(recipe, model: nn.Module, tokenizer) -> dict:
     """The settings an output is a function of (besides weights and data)."""
     calibration = recipe.calibration.model_dump(mode="json", exclude={"dir", "stats_memory_gb"})  # neither changes the output
     data = recipe.data.model_dump(mode="json", exclude={"train", "eval"})
+    if recipe.calibration.preserve_source == "dataset":
+        calibration["dataset_rows"] = "seeded-draw"  # was the file's first rows: folders made that way are redone
     return {
         "calibration": calibration,
         "target_modules": resolve_target_modules(model, recipe.model.target_modules),

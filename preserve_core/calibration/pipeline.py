@@ -38,15 +38,23 @@ from .store import (
 )
 
 
-def dataset_texts(path: str, limit: int) -> list[str]:
-    """The first ``limit`` non-empty values of column ``text`` of a label-free data file."""
+def dataset_texts(path: str, limit: int, seed: int) -> list[str]:
+    """``limit`` non-empty values of column ``text``, drawn uniformly without replacement (seeded), in
+    file order; every one when there are no more than ``limit``.
+
+    Drawn, not the file's head: a file written topic by topic (or skill by skill) would otherwise
+    calibrate on its first topic only, and FORA protects only what calibration covers.
+    """
     rows = load_rows(path)
     if "text" not in rows.column_names:
         raise RecipeError(f"calibration.preserve_data: {path} needs a 'text' column; it has {rows.column_names}")
-    texts = [t for t in rows["text"] if isinstance(t, str) and t.strip()][:limit]
+    texts = [t for t in rows["text"] if isinstance(t, str) and t.strip()]
     if not texts:
         raise RecipeError(f"calibration.preserve_data: {path} has no non-empty text")
-    return texts
+    if len(texts) <= limit:
+        return texts
+    drawn = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:limit]
+    return [texts[i] for i in sorted(drawn.tolist())]
 
 
 SAMPLING_KEYS = ("num_samples", "batch_size", "max_new_tokens", "temperature", "top_p", "start", "seed_prompts", "seed",
@@ -58,7 +66,7 @@ def preserve_data(recipe, model: nn.Module, tokenizer, dist: Dist, fingerprint: 
     a data set, which is tokenized as ``[bos] + text``) and the record of how they were made."""
     cfg = recipe.calibration
     if cfg.preserve_source == "dataset":
-        texts = dataset_texts(cfg.preserve_data, cfg.num_samples)
+        texts = dataset_texts(cfg.preserve_data, cfg.num_samples, cfg.seed)
         return texts, None, {"source": "dataset", "path": cfg.preserve_data, "count": len(texts)}
     samples, report = sample_preserve_texts(model, tokenizer, cfg, dist)
     settings = {k: getattr(cfg, k) for k in SAMPLING_KEYS}
