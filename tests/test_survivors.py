@@ -149,3 +149,21 @@ def test_merged_input_stats_keep_their_layout():
     merged = a.merge(InputStats(layout, {"y": 3}, {"y": 4}))
     assert merged.layout is layout
     assert merged.sums == {"x": 1, "y": 3} and merged.counts == {"x": 2, "y": 4}
+
+
+def test_kl_calibration_extra_reads_kl_options_only_from_a_kl_recipe(write_recipe):
+    """Kills `own or True` in FormWithRegularizer.calibrate_extra: for a recipe of another method (a
+    composition), the regulariser's defaults apply; the method's own options are not kl's."""
+    from preserve_core.methods.kl import Kl
+    from preserve_core.methods.regularizer_options import KlRegularizerOptions
+    from preserve_core.models import load_model, load_tokenizer
+    from preserve_core.recipe import load_recipe
+
+    foreign = load_recipe(write_recipe("lora", method={"name": "lora", "r": 2, "alpha": 4}))
+    own = load_recipe(write_recipe("kl", method={"name": "kl", "temperature": 3.0}))
+    tokenizer, model = load_tokenizer(foreign.model), load_model(foreign.model, "cpu").eval()
+    texts = ["abc def", "hello"]
+    default = KlRegularizerOptions().temperature
+    assert default != 3.0
+    assert float(Kl.calibrate_extra(model, tokenizer, texts, foreign)["temperature"]) == default
+    assert float(Kl.calibrate_extra(model, tokenizer, texts, own)["temperature"]) == 3.0
