@@ -17,15 +17,16 @@ from preserve_core.checkpoint_integrity import checkpoint_problem
 from preserve_core.recipe import load_recipe
 
 
-def _ctrl_c_during_writes(monkeypatch, on_calls: set[int]) -> dict:
-    """Press Ctrl-C (a real SIGINT to this process) in the middle of the n-th checkpoint write, n in ``on_calls``."""
+def _signal_during_writes(monkeypatch, on_calls: set[int], signum: int = signal.SIGINT) -> dict:
+    """Send a real ``signum`` (Ctrl-C's SIGINT by default) to this process in the middle of the n-th
+    checkpoint write, n in ``on_calls``."""
     original = checkpoint_module.write_checksums
     calls = {"n": 0}
 
     def pressing(folder):
         calls["n"] += 1
         if calls["n"] in on_calls:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return original(folder)
 
     monkeypatch.setattr(checkpoint_module, "write_checksums", pressing)
@@ -41,7 +42,7 @@ def _train(path, resume=False):
 
 def test_second_ctrl_c_during_the_interrupt_checkpoint(write_recipe, monkeypatch):
     original = at_step(monkeypatch, 4, raise_keyboard_interrupt)
-    _ctrl_c_during_writes(monkeypatch, on_calls={1})
+    _signal_during_writes(monkeypatch, on_calls={1})
     path = write_recipe(training={"max_steps": 6})
     result = _train(path)
     assert result.interrupted and result.steps == 3
@@ -53,7 +54,7 @@ def test_second_ctrl_c_during_the_interrupt_checkpoint(write_recipe, monkeypatch
 
 
 def test_ctrl_c_during_a_periodic_save_lets_it_finish(write_recipe, monkeypatch):
-    writes = _ctrl_c_during_writes(monkeypatch, on_calls={1})
+    writes = _signal_during_writes(monkeypatch, on_calls={1})
     path = write_recipe(training={"max_steps": 6, "save_every": 2})
     result = _train(path)
     assert result.interrupted and result.steps == 2
@@ -82,13 +83,7 @@ def test_sigterm_saves_the_last_step_and_resume_ends_where_a_straight_run_does(w
 
 
 def test_sigterm_during_a_periodic_save_lets_it_finish(write_recipe, monkeypatch):
-    original = checkpoint_module.write_checksums
-
-    def terminated_mid_write(folder):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return original(folder)
-
-    monkeypatch.setattr(checkpoint_module, "write_checksums", terminated_mid_write)
+    _signal_during_writes(monkeypatch, on_calls={1}, signum=signal.SIGTERM)
     result = _train(write_recipe(training={"max_steps": 6, "save_every": 2}))
     assert result.terminated and result.steps == 2
     assert checkpoint_problem(result.run_dir / "checkpoint-000002") is None
