@@ -288,31 +288,72 @@ def test_method_defaults():
 # -- FORA's refresh of Q ------------------------------------------------------------------------
 
 
-def test_fora_refresh_measures_the_current_model_in_eval_mode_and_solves_once_per_input():
+def _refresh_case():
     from conftest import build_tiny_llama
-    from preserve_core.methods.fora.refresh import current_preserve_covs, refreshed_projectors
 
     model = build_tiny_llama(40, layers=1).train()
-    seen = []
-    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].detach())))
     ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 0]])
     batches = [{"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}]
-    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj"]
-    covs = current_preserve_covs(model, names, batches)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj",
+             "model.layers.0.mlp.down_proj"]  # fmt: skip
+    return model, batches, names
+
+
+def test_fora_refresh_measures_the_current_model_in_eval_mode_and_solves_once_per_input():
+    from preserve_core.methods.fora.refresh import current_projectors
+
+    model, batches, names = _refresh_case()
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].detach())))
+    options = SimpleNamespace(energy=0.5, rank=None, max_rank=0.9)
+    projectors = current_projectors(model, names, batches, options, CPU)
     assert model.training is True and seen[0][0] is False  # measured in eval mode, restored after
     seen.clear()
     with torch.no_grad():
-        model.eval()(input_ids=ids, attention_mask=batches[0]["attention_mask"])
+        model.eval()(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
     x = seen[0][1][batches[0]["attention_mask"].bool()].double()  # the 7 real positions
-    torch.testing.assert_close(covs[names[0]].double(), x.T @ x / 7, atol=1e-5, rtol=1e-5)
-    assert covs[names[0]] is covs[names[1]] and covs[names[2]] is not covs[names[0]]
-    options = SimpleNamespace(energy=0.5, rank=None, max_rank=0.9)
-    projectors = refreshed_projectors(covs, options, CPU)
+    cov = x.T @ x / 7
     assert projectors[names[0]] is projectors[names[1]] and projectors[names[2]] is not projectors[names[0]]
-    values, vectors = torch.linalg.eigh(covs[names[0]].double())
+    values, vectors = torch.linalg.eigh(cov)
     share = values.flip(0).cumsum(0) / values.sum()
     k = int((share < 0.5).sum()) + 1
     assert projectors[names[0]].rank == k
     top = vectors.flip(1)[:, :k]
     torch.testing.assert_close(projectors[names[0]].protected().double() @ projectors[names[0]].protected().double().T,
                                top @ top.T, atol=1e-4, rtol=0)  # fmt: skip
+
+
+def test_fora_refresh_holds_one_covariance_at_a_time_and_a_budget_changes_nothing(monkeypatch):
+    """Each input's C_p is solved and dropped before the next is built; with a budget of one input's sums
+    per pass (three passes over the batches) the projectors are bit-identical to one pass."""
+    import weakref
+
+    from preserve_core.methods.fora import refresh
+
+    model, batches, names = _refresh_case()
+    options = SimpleNamespace(energy=0.9, rank=None, max_rank=0.9)
+    alive, solve = [], refresh.input_projector
+
+    def watched(cov, opts):
+        alive.append(sum(ref() is not None for ref in refs))
+        refs.append(weakref.ref(cov))
+        return solve(cov, opts)
+
+    refs: list = []
+    monkeypatch.setattr(refresh, "input_projector", watched)
+    one_pass = refresh.current_projectors(model, names, batches, options, CPU)
+    assert alive == [0, 0, 0]  # three distinct inputs, none of the earlier matrices alive at the next solve
+    passes = []
+    real_passes = refresh.input_stats_passes
+
+    def counted(*args, **kwargs):
+        for part in real_passes(*args, **kwargs):
+            passes.append(sorted(part.sums))
+            yield part
+
+    monkeypatch.setattr(refresh, "input_stats_passes", counted)
+    split = refresh.current_projectors(model, names, batches, options, CPU, budget_bytes=1)
+    assert len(passes) == 3 and all(len(keys) == 1 for keys in passes)
+    for name in names:
+        assert torch.equal(one_pass[name].vectors, split[name].vectors)
+        assert one_pass[name].complement == split[name].complement

@@ -16,6 +16,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ...calibration.stats import stats_budget_bytes
 from ...errors import PPFTError
 from ...progress import notice
 from ...sharding import like
@@ -24,7 +25,7 @@ from ..base import PRESERVE_STATS, Method, MethodOptions
 from .bases import RightProjector, compute_bases, input_projector
 from .layer import ForaLinear
 from .optim import LOW_PRECISION, ProjectedAdamW
-from .refresh import current_preserve_covs, refresh_batches, refreshed_projectors
+from .refresh import current_projectors, refresh_batches
 
 BASES = ("right", "u1", "u_c", "v_c")
 BASES_HASH = "bases_sha256"
@@ -183,8 +184,8 @@ class Fora(Method):
         recipe = self.ctx.recipe
         batches = refresh_batches(self.ctx.calibration, self.ctx.tokenizer, recipe.data.max_length,
                                   self.options.refresh_samples, recipe.calibration.stats_batch_size)  # fmt: skip
-        covs = current_preserve_covs(model, list(self.layers), batches)
-        for name, projector in refreshed_projectors(covs, self.options, self.ctx.device).items():
+        budget = stats_budget_bytes(recipe.calibration.stats_memory_gb, self.ctx.device)
+        for name, projector in current_projectors(model, list(self.layers), batches, self.options, self.ctx.device, budget).items():
             self.refreshed[self.ctx.calibration.input_key(name)] = projector
         self._apply_refreshed()
 

@@ -5,7 +5,7 @@ of the layers after it, so a fixed ``Q`` stops spanning them (the compounding le
 docs/methods/fora.md). Every ``refresh_every`` optimizer steps the first ``refresh_samples``
 calibration preserve sequences run through the model being trained (no grad, eval mode); each
 target input's ``C_p`` is measured again on these current activations and ``Q`` recomputed with the
-same ``energy`` / ``rank`` / ``max_rank``. Later steps are projected with the new ``Q``; what earlier
+same ``energy`` / ``rank`` / ``max_rank``, one input at a time and within ``calibration.stats_memory_gb``. Later steps are projected with the new ``Q``; what earlier
 steps wrote stays. Adam's moments are kept (each step is projected with the current ``Q`` anyway).
 Cost per refresh: one forward over ``refresh_samples`` sequences plus one ``n x n`` eigensolve per
 distinct input.
@@ -17,29 +17,34 @@ import torch
 from torch import nn
 
 from ...calibration.batches import preserve_batches
-from ...calibration.stats import collect_input_stats
+from ...calibration.stats import input_stats_passes
 from .bases import RightProjector, input_projector
 
 
-def current_preserve_covs(model: nn.Module, names: list[str], batches: list[dict]) -> dict[str, torch.Tensor]:
-    """``{module: C_p [n, n]}`` of the model as it is now (layers sharing an input share the tensor)."""
+def current_projectors(
+    model: nn.Module, names: list[str], batches: list[dict], options, device, budget_bytes: int | None = None
+) -> dict[str, RightProjector]:
+    """``{module: P_Q}`` from ``C_p`` of the model as it is now (no grad, eval mode), by ``options``' rank
+    rule; layers that share an input share one projector.
+
+    Memory: the sums of one group of inputs at a time (``budget_bytes``, as calibration's
+    ``stats_memory_gb``: :func:`...calibration.stats.input_stats_passes`), and one full ``[n, n]`` ``C_p``
+    at a time: each input's sum becomes its matrix, is solved and dropped before the next.
+    """
     was_training = model.training
     model.eval()
+    solved: dict[str, RightProjector] = {}
+    module_to_key: dict[str, str] = {}
     try:
-        with torch.no_grad():
-            stats = collect_input_stats(model, names, batches, positions="all")
+        for stats in input_stats_passes(model, names, batches, positions="all", budget_bytes=budget_bytes):
+            module_to_key = stats.layout.module_to_key
+            for key in list(stats.sums):
+                cov = stats.sums.pop(key).full().div_(max(stats.counts[key], 1))
+                solved[key] = input_projector(cov.to(device), options)
+                del cov
     finally:
         model.train(was_training)
-    return {name: cov for name, (cov, _) in stats.items()}
-
-
-def refreshed_projectors(covs: dict[str, torch.Tensor], options, device) -> dict[str, RightProjector]:
-    """``{module: P_Q}`` from each ``C_p`` by ``options``' rank rule (one object per distinct input)."""
-    solved: dict[int, RightProjector] = {}
-    for cov in covs.values():
-        if id(cov) not in solved:
-            solved[id(cov)] = input_projector(cov.to(device), options)
-    return {name: solved[id(cov)] for name, cov in covs.items()}
+    return {name: solved[module_to_key[name]] for name in names}
 
 
 def refresh_batches(calibration, tokenizer, max_length: int, samples: int, batch_size: int) -> list[dict]:
