@@ -13,6 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from preserve_core.calibration.gram import UpperGram
 from torch import nn
 
 from preserve_core.errors import PPFTError
@@ -109,10 +111,12 @@ def test_recording_hooks_arm_the_layers_and_extra_loss_feeds_the_window():
     batch = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
     assert method.extra_loss(None, batch, None) is None
     assert all(w.last_input is None and w.record_inputs is False for w in method.wrappers.values())
-    torch.testing.assert_close(method.window.estimates()["x"], torch.ones(4, 4))  # the first layer of "x": q
-    torch.testing.assert_close(method.window.estimates()["y"], torch.full((4, 4), 4.0))
     method.extra_loss(None, batch, None)  # nothing recorded: the window is unchanged
     assert float(method.window.counts["x"]) == 2
+    estimates = dict(method.window.pop_estimates())
+    torch.testing.assert_close(estimates["x"], torch.ones(4, 4))  # the first layer of "x": q
+    torch.testing.assert_close(estimates["y"], torch.full((4, 4), 4.0))
+    assert method.window.sums == {} and method.window.counts == {}
     method.step = 2
     method._set_recording()
     assert method.window_open is False
@@ -123,10 +127,11 @@ def test_state_dict_round_trip():
     method.step, method.gammas = 7, {"x": 1.5}
     method.rebased = {"y"}
     method.task_covs = {"x": torch.eye(4)}
-    method.window.sums["x"], method.window.counts["x"] = torch.ones(4, 4), torch.tensor(3.0, dtype=torch.float64)
+    method.window.sums["x"] = UpperGram.from_full(torch.ones(4, 4))
+    method.window.counts["x"] = torch.tensor(3.0, dtype=torch.float64)
     state = method.state_dict()
     assert set(state) == {"step", "basis/y", "values/x", "values/y", "gamma/x", "gamma/y", "task_cov/x",
-                          "window_sum/x", "window_count/x"}  # fmt: skip
+                          "window_block/x/0", "window_count/x"}  # fmt: skip
     assert state["step"].dtype == torch.int64 and int(state["step"]) == 7
     assert state["gamma/x"].dtype == torch.float64 and float(state["gamma/x"]) == 1.5 and math.isnan(float(state["gamma/y"]))
     assert state["basis/y"] is method.wrappers["o"].basis

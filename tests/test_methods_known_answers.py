@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from preserve_core.calibration.gram import UpperGram
+
 from preserve_core.methods.corda_kpm import corda_kpm_factors
 from preserve_core.methods.folora.method import Folora, FoloraOptions, _count_or_fraction
 from preserve_core.methods.folora.refresh import TaskWindow, in_window, mix_estimate
@@ -135,8 +137,9 @@ def test_task_window_averages_x_xT_over_loss_positions():
     batch2, x2 = task_batch(3)
     window.add_batch({"k": 2 * x2}, batch2)  # (6, 2)
     rows = torch.tensor([[2.0, 1.0], [3.0, 1.0], [6.0, 2.0]])
-    estimates = window.estimates()
-    assert list(estimates) == ["k"] and float(window.counts["k"]) == 3
+    assert float(window.counts["k"]) == 3
+    estimates = dict(window.pop_estimates())
+    assert list(estimates) == ["k"] and window.sums == {} and window.counts == {}
     torch.testing.assert_close(estimates["k"], rows.T @ rows / 3, atol=1e-6, rtol=0)
     all_positions = TaskWindow("all")
     all_positions.add_batch({"k": x}, batch)
@@ -147,25 +150,52 @@ def test_task_window_skips_empty_keys_and_round_trips_its_state():
     window = TaskWindow("loss")
     batch, x = task_batch(2)
     window.add_batch({"a": x}, batch)
-    window.sums["empty"], window.counts["empty"] = torch.zeros(2, 2), torch.zeros((), dtype=torch.float64)
+    window.sums["empty"], window.counts["empty"] = UpperGram(2), torch.zeros((), dtype=torch.float64)
     one = torch.zeros(1, 4, 2)
     one[0, 3] = torch.tensor([2.0, 3.0])  # labels from 3: only position 2 counts, not 3
     one[0, 2] = torch.tensor([1.0, 2.0])
     window.add_batch({"layer/0": one}, task_batch(3)[0])
-    estimates = window.estimates()
-    assert list(estimates) == ["a", "layer/0"]  # a key without tokens gives no estimate (no 0/0)
-    torch.testing.assert_close(estimates["layer/0"], torch.tensor([[1.0, 2.0], [2.0, 4.0]]))  # one token: x x^T
     state = window.state_dict()
-    assert set(state) == {f"window_{kind}/{key}" for kind in ("sum", "count") for key in ("a", "empty", "layer/0")}
+    assert set(state) == {f"window_block/{k}/0" for k in ("a", "empty", "layer/0")} | {
+        f"window_count/{k}" for k in ("a", "empty", "layer/0")}  # fmt: skip
     other = TaskWindow("loss")
-    other.sums["stale"] = torch.ones(2, 2)
+    other.sums["stale"] = UpperGram(2)
     other.load_state_dict({**state, "window_count/a": torch.tensor(2, dtype=torch.int64)}, torch.device("cpu"))
     assert set(other.sums) == set(other.counts) == {"a", "empty", "layer/0"}  # cleared first; keys may hold "/"
     assert other.counts["a"].dtype == torch.float64 and float(other.counts["a"]) == 2
-    torch.testing.assert_close(other.sums["a"], window.sums["a"], atol=0, rtol=0)
-    torch.testing.assert_close(other.estimates()["a"], window.estimates()["a"], atol=0, rtol=0)
-    other.clear()
-    assert other.sums == {} and other.counts == {} and other.estimates() == {}
+    estimates = dict(window.pop_estimates())
+    assert list(estimates) == ["a", "layer/0"]  # a key without tokens gives no estimate (no 0/0)
+    torch.testing.assert_close(estimates["layer/0"], torch.tensor([[1.0, 2.0], [2.0, 4.0]]))  # one token: x x^T
+    torch.testing.assert_close(dict(other.pop_estimates())["a"], estimates["a"], atol=0, rtol=0)
+    assert other.sums == {} and other.counts == {} and dict(other.pop_estimates()) == {}
+
+
+def test_task_window_holds_upper_blocks_at_real_widths_and_loads_an_old_full_sum():
+    """At width 1024 (two row blocks) the window holds 3/4 of n^2 and its estimate is X^T X / N computed
+    in float64; a checkpoint's window saved as the full matrix (older ppft) loads to the same estimate."""
+    n = 1024
+    x = torch.randn(2, 3, n, generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    window = TaskWindow("all")
+    window.add_batch({"k": x}, batch)
+    assert sum(b.numel() for b in window.sums["k"].blocks) == 512 * 1024 + 512 * 512
+    rows = x.reshape(6, n).double()
+    expected = (rows.T @ rows / 6).float()
+    old = TaskWindow("all")
+    old.load_state_dict({"window_sum/k": expected * 6, "window_count/k": torch.tensor(6.0)}, torch.device("cpu"))
+    restored = TaskWindow("all")
+    restored.load_state_dict(window.state_dict(), torch.device("cpu"))
+    torch.testing.assert_close(dict(window.pop_estimates())["k"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dict(old.pop_estimates())["k"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dict(restored.pop_estimates())["k"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_upper_gram_from_blocks_rejects_blocks_of_another_shape():
+    with pytest.raises(ValueError, match="not the upper row blocks"):
+        UpperGram.from_blocks([torch.zeros(2, 4), torch.zeros(2, 3)])
+    gram = UpperGram.from_blocks([torch.ones(2, 4), torch.full((2, 2), 2.0)])
+    torch.testing.assert_close(gram.full(), torch.tensor(
+        [[1.0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 2, 2], [1, 1, 2, 2]]))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -198,7 +228,7 @@ def bare_folora(mix: float, task_covs: dict, calibration_task: dict) -> tuple[Fo
 
 
 def fill_window(window: TaskWindow, key: str, value: float) -> None:
-    window.sums[key] = torch.full((2, 2), 2 * value)
+    window.sums[key] = UpperGram.from_full(torch.full((2, 2), 2 * value))
     window.counts[key] = torch.tensor(2.0, dtype=torch.float64)
 
 

@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from preserve_core.calibration.gram import UpperGram
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
@@ -166,5 +168,6 @@ def test_fora_full_form_shards_its_anchors_and_steps_like_one_process(one_rank):
 
 def test_refresh_window_estimates_reduce_over_the_group(one_rank):
     window = TaskWindow("all")
-    window.sums["k"], window.counts["k"] = torch.full((2, 2), 6.0), torch.tensor(3.0, dtype=torch.float64)
-    torch.testing.assert_close(window.estimates()["k"], torch.full((2, 2), 2.0), atol=0, rtol=0)
+    window.sums["k"] = UpperGram.from_full(torch.full((2, 2), 6.0))
+    window.counts["k"] = torch.tensor(3.0, dtype=torch.float64)
+    torch.testing.assert_close(dict(window.pop_estimates())["k"], torch.full((2, 2), 2.0), atol=0, rtol=0)

@@ -44,6 +44,27 @@ class UpperGram:
         self.spans = list(zip(edges[:-1], edges[1:], strict=True))
         self.blocks = [torch.zeros(hi - lo, n - lo, dtype=torch.float32, device=device) for lo, hi in self.spans]
 
+    @classmethod
+    def from_blocks(cls, blocks: list[torch.Tensor]) -> UpperGram:
+        """The sum whose upper row blocks are ``blocks`` (as :attr:`blocks` holds them; taken, not copied)."""
+        n = blocks[0].shape[1]
+        gram = cls.__new__(cls)
+        gram.n, gram.blocks, gram.spans, lo = n, list(blocks), [], 0
+        for block in blocks:
+            gram.spans.append((lo, lo + block.shape[0]))
+            lo += block.shape[0]
+        if lo != n or any(b.shape[1] != n - s for b, (s, _) in zip(blocks, gram.spans, strict=True)):
+            shapes = [tuple(b.shape) for b in blocks]
+            raise ValueError(f"blocks of shapes {shapes} are not the upper row blocks of a width-{n} sum")
+        return gram
+
+    @classmethod
+    def from_full(cls, matrix: torch.Tensor) -> UpperGram:
+        """The sum equal to the symmetric ``matrix`` [n, n] (its upper row blocks, copied)."""
+        gram = cls(matrix.shape[0], matrix.device)
+        gram.blocks = [matrix[lo:hi, lo:].float().clone() for lo, hi in gram.spans]
+        return gram
+
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.blocks)
 

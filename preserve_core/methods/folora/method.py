@@ -212,9 +212,7 @@ class Folora(Method):
     def refresh(self, optimizer: GatedAdamW) -> None:
         """Re-estimate ``C_t`` from the window, recompute ``V``/``lambda``, move ``A~`` and Adam moments."""
         start = time.perf_counter()
-        estimates = self.window.estimates()
-        self.window.clear()
-        for key, c_window in estimates.items():
+        for key, c_window in self.window.pop_estimates():
             previous = self.task_covs.get(key)
             if previous is None and self.options.refresh_mix < 1:
                 previous = self.ctx.calibration.cov_by_key("task", key)

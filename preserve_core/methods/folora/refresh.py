@@ -2,8 +2,9 @@
 
 Collection: during the ``refresh_window`` optimizer steps that end at a refresh step, every target
 wrapper keeps its latest training input; ``extra_loss`` (called once per micro-batch with the batch)
-adds ``x x^T`` over the task loss positions to one float32 [n, n] sum per distinct layer input,
-then drops the inputs. Estimate at a refresh:
+adds ``x x^T`` over the task loss positions to one float32 sum per distinct layer input (its upper
+row blocks, :class:`...calibration.gram.UpperGram`), then drops the inputs. At a refresh the sums
+become matrices one input at a time. Estimate at a refresh:
 
     C_window = sum x x^T / N  (all micro-batches of the window, summed over processes)
     C_t <- mix * C_window + (1 - mix) * C_t_previous      (C_t_previous: the calibration C_t at first)
@@ -14,18 +15,22 @@ coordinates with ``T = V_old^T M V_new`` (see :func:`.basis.transition`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
+from ...calibration.gram import UpperGram
 from ...calibration.stats import select_rows, token_mask
 
 
 class TaskWindow:
-    """Per input key: ``sums[key]`` float32 [n, n] = sum x x^T and ``counts[key]`` = tokens, since the last clear."""
+    """Per input key: ``sums[key]`` = sum x x^T as an :class:`UpperGram` (its upper row blocks, float32:
+    9/16 of ``n^2`` at real widths) and ``counts[key]`` = tokens, since the last clear."""
 
     def __init__(self, positions: str):
         self.positions = positions
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, UpperGram] = {}
         self.counts: dict[str, torch.Tensor] = {}
 
     def add_batch(self, inputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
@@ -35,39 +40,54 @@ class TaskWindow:
             for key, x in inputs.items():
                 rows = select_rows(x, mask.to(x.device))
                 if key not in self.sums:
-                    self.sums[key] = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
+                    self.sums[key] = UpperGram(rows.shape[1], rows.device)
                     self.counts[key] = torch.zeros((), dtype=torch.float64, device=rows.device)
-                self.sums[key].addmm_(rows.T, rows)
+                self.sums[key].add_(rows)
                 self.counts[key] += rows.shape[0]
 
-    def estimates(self) -> dict[str, torch.Tensor]:
-        """``{key: C_window}`` (float32 [n, n]) for keys that saw tokens, reduced over processes."""
-        out = {}
+    def pop_estimates(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(key, C_window)`` (float32 [n, n]) for keys that saw tokens, reduced over processes, one key
+        at a time: each sum leaves the window as its matrix is built, so besides the window's other sums
+        only one ``[n, n]`` exists. Empties the window."""
         for key in sorted(self.sums):
-            total, count = self.sums[key], self.counts[key]
+            gram, count = self.sums.pop(key), self.counts.pop(key)
             if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(total)
+                gram.reduce_(_all_reduced)
                 dist.all_reduce(count)
             if float(count) > 0:
-                out[key] = total / float(count)
-        return out
+                yield key, gram.full().div_(float(count))
+            del gram
+        self.clear()
 
     def clear(self) -> None:
         self.sums, self.counts = {}, {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"window_sum/{k}": v for k, v in self.sums.items()}
+        state = {f"window_block/{k}/{j}": b for k, g in self.sums.items() for j, b in enumerate(g.blocks)}
         state.update({f"window_count/{k}": v for k, v in self.counts.items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        """From :meth:`state_dict`; a window saved as full ``window_sum/<key>`` matrices (before the row
+        blocks) loads too."""
         self.clear()
+        blocks: dict[str, dict[int, torch.Tensor]] = {}
         for name, value in state.items():
-            kind, _, key = name.partition("/")
-            if kind == "window_sum":
-                self.sums[key] = value.to(device)
+            kind, _, rest = name.partition("/")
+            if kind == "window_block":
+                key, _, j = rest.rpartition("/")
+                blocks.setdefault(key, {})[int(j)] = value.to(device)
+            elif kind == "window_sum":
+                self.sums[rest] = UpperGram.from_full(value.to(device))
             elif kind == "window_count":
-                self.counts[key] = value.to(device=device, dtype=torch.float64)
+                self.counts[rest] = value.to(device=device, dtype=torch.float64)
+        for key, parts in blocks.items():
+            self.sums[key] = UpperGram.from_blocks([parts[j] for j in range(len(parts))])
+
+
+def _all_reduced(tensor: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(tensor)
+    return tensor
 
 
 def in_window(next_step: int, refresh_every: int, window: int) -> bool:
