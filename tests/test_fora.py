@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -197,6 +198,37 @@ def test_full_form_exports_merged_model(write_recipe, calibration_settings, tiny
     torch.testing.assert_close(logits(reloaded), expected, atol=1e-5, rtol=1e-5)
     trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".base.weight") or n.endswith(".delta") for n in trainable)
+
+
+def test_full_form_exports_an_exact_adapter_of_rank_n_minus_k(write_recipe, calibration_settings, tiny_model_dir):
+    """export_adapter: the adapter's B A equals W_trained - W_0 (both read from model files, float64), its
+    A has orthonormal rows spanning the complement of Q (A Q = 0), and each layer's rank is n - k."""
+    from preserve_core.methods.fora.bases import input_projector
+
+    method = {"form": "full", "export_adapter": True, "u_rank": 0, "spectral_size": 0}
+    result = run_recipe(fora_recipe(write_recipe, calibration_settings, "export-adapter", method, max_steps=4))
+    adapter = load_file(result.final_dir / "adapter_model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    covs = _preserve_covs(calibration_settings["dir"], _targets(result))
+    for name in _targets(result):
+        a = adapter[f"base_model.model.{name}.lora_A.weight"].double()
+        b = adapter[f"base_model.model.{name}.lora_B.weight"].double()
+        delta = result.model.get_submodule(name).base.weight.detach().double() - base.get_submodule(name).weight.double()
+        assert delta.abs().max() > 1e-3, f"{name}: training did not move W"
+        torch.testing.assert_close(b @ a, delta, atol=1e-6, rtol=0, msg=name)
+        k = input_projector(covs[name].double(), SimpleNamespace(energy=0.9, rank=None, max_rank=0.5)).rank
+        assert a.shape[0] == a.shape[1] - k, name
+        torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
+    reloaded = PeftModel.from_pretrained(base, result.final_dir)
+    torch.testing.assert_close(logits(reloaded), logits(result.model), atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_export_needs_the_full_form_and_a_fixed_q(write_recipe, calibration_settings):
+    from preserve_core.errors import RecipeError
+
+    for method in ({"form": "lora", "export_adapter": True}, {"form": "full", "export_adapter": True, "refresh_every": 2}):
+        with pytest.raises(RecipeError, match="export_adapter is for form: full with a fixed Q"):
+            load_recipe(fora_recipe(write_recipe, calibration_settings, "bad", method))
 
 
 @pytest.mark.parametrize(

@@ -19,10 +19,10 @@ from torch import nn
 from ...calibration.stats import stats_budget_bytes
 from ...errors import PPFTError
 from ...progress import notice
-from ...sharding import like
+from ...sharding import full, like
 from ..adapter_export import save_lora_factors_as_peft
 from ..base import PRESERVE_STATS, Method, MethodOptions
-from .bases import RightProjector, compute_bases, input_projector
+from .bases import RightProjector, compute_bases, input_projector, orthonormal_complement
 from .layer import ForaLinear
 from .optim import LOW_PRECISION, ProjectedAdamW
 from .refresh import current_projectors, refresh_batches
@@ -84,6 +84,19 @@ class ForaOptions(MethodOptions):
         64, gt=0, le=10**7, description="Calibration preserve sequences each refresh runs through the model."
     )
 
+    export_adapter: bool = Field(
+        False,
+        description="form: full: export the update as a stock PEFT LoRA adapter instead of merged weights (ours). "
+        "Exact: dW Q = 0 makes dW = (dW Q_c) Q_c^T, rank n - k per input (with output.merge, merged weights too).",
+    )
+
+    @model_validator(mode="after")
+    def _adapter_export_needs_a_fixed_q(self):
+        if self.export_adapter and (self.form != "full" or self.refresh_every):
+            raise ValueError("export_adapter is for form: full with a fixed Q (refresh_every: 0); the LoRA form "
+                             "always exports an adapter")  # fmt: skip
+        return self
+
     @model_validator(mode="after")
     def _refresh_needs_full_form(self):
         if self.refresh_every and (self.form != "full" or self.source != "activation"):
@@ -101,7 +114,8 @@ class Fora(Method):
 
     def __init__(self, options: ForaOptions, ctx):
         super().__init__(options, ctx)
-        self.is_adapter = options.form == "lora"
+        self.is_adapter = options.form == "lora" or options.export_adapter
+        self.w0_complement: dict[str, torch.Tensor] = {}  # export_adapter: W_0 Q_c [m, n - k], float32, CPU
         self.layers: dict[str, ForaLinear] = {}
         self.anchors: dict[str, torch.Tensor] = {}
         self.w0: dict[str, torch.Tensor] = {}
@@ -131,6 +145,11 @@ class Fora(Method):
                 linear.weight.requires_grad_(True)
             if keep_anchor:
                 self.anchors[name] = linear.weight.detach().clone()
+        if self.options.export_adapter:
+            complements = {}
+            for name, layer in self.layers.items():
+                q_c = complements.setdefault(id(layer.right), complement_basis(layer.projector))
+                self.w0_complement[name] = (layer.base.weight.detach().float() @ q_c).cpu()
         return model
 
     def on_sharded(self, model: nn.Module) -> None:
@@ -261,13 +280,41 @@ class Fora(Method):
     def export(self, model: nn.Module, out_dir: Path, tokenizer, merge: bool) -> None:
         """LoRA form: a stock PEFT adapter of rank ``r + s`` (merged weights in ``out_dir/merged`` too with ``merge``).
         Full form: the merged model (channel folded into ``W``) with ``save_pretrained``."""
-        if self.options.form == "full":
+        if self.options.form == "full" and not self.options.export_adapter:
             save_merged(model, self.layers, out_dir, tokenizer)
+            return
+        if self.options.form == "full":
+            save_lora_factors_as_peft(out_dir, model, self.full_form_factors(), tokenizer, self.base_ref)
+            if merge:
+                save_merged(model, self.layers, out_dir / "merged", tokenizer)
             return
         factors = {name: layer.update_factors() for name, layer in self.layers.items()}
         save_lora_factors_as_peft(out_dir, model, factors, tokenizer, self.base_ref)
         if merge:
             save_merged(model, self.layers, out_dir / "merged", tokenizer)
+
+
+    def full_form_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Full form: ``{module: (A, B)}`` with ``B A = W - W_0`` (+ the channel), float32 on the CPU.
+
+        ``W - W_0`` only ever moved through ``P_Q``, so ``(W - W_0) Q = 0`` and ``W - W_0 = (W - W_0) Q_c Q_c^T``
+        with ``Q_c`` [n, n - k] the orthonormal complement: ``A = Q_c^T``, ``B = W Q_c - W_0 Q_c``. The
+        channel's factors (``V_c^T``, ``U_c diag(delta)``) are appended when ``spectral_size > 0``."""
+        factors, complements = {}, {}
+        for name, layer in self.layers.items():
+            q_c = complements.setdefault(id(layer.right), complement_basis(layer.projector))
+            weight = full(layer.base.weight).detach().float()
+            a, b = q_c.T, (weight @ q_c).cpu() - self.w0_complement[name]
+            channel = layer.update_factors()
+            if channel is not None:
+                a, b = torch.cat([a.cpu(), channel[0].cpu()], 0), torch.cat([b, channel[1].cpu()], 1)
+            factors[name] = (a.cpu().contiguous(), b.contiguous())
+        return factors
+
+
+def complement_basis(projector: RightProjector) -> torch.Tensor:
+    """``Q_c`` [n, n - k], float32: the orthonormal complement of the protected directions."""
+    return projector.vectors if projector.complement else orthonormal_complement(projector.vectors)
 
 
 def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
