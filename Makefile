@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ppft-installed
 
-.PHONY: setup demo test test-all bench mutation clean
+.PHONY: setup demo test test-all bench bench-goal mutation clean
 
 # A fresh machine: a virtual environment, the CPU build of torch (never a multi-GB CUDA download
 # here: on these machines `pip install torch==2.13.0` takes a local CPU wheel), then ppft itself.
@@ -30,6 +30,12 @@ test-all: setup
 	$(PY) -m pytest -q
 
 # Benchmarks: results in bench/results/, summarised in docs/results.md.
+# The goal bench (issue 12): the pick, kl, replay and full on all eight new lab tasks, three seeds, 400 steps
+# (about an hour with two jobs on a quiet 2-core machine; resumable; results in bench/goal/).
+bench-goal: setup
+	$(VENV)/bin/ppft lab build --size tiny --no-progress
+	$(VENV)/bin/ppft bench recipes/lab_bench_goal.yaml --jobs 2
+
 bench: setup
 	$(VENV)/bin/ppft lab build --size tiny --no-progress
 	$(VENV)/bin/ppft bench recipes/lab_bench.yaml --jobs 2

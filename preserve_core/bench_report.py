@@ -198,8 +198,12 @@ def _table(head: list[str], rows: list[dict], preserve_names: list[str]) -> list
     return lines + [""]
 
 
+PLOT_COLUMNS = 4  # panels per row of the Pareto plot
+
+
 def pareto_plot(rows: list[dict], base: dict, path: Path, held_out: list[str] = ()) -> None:
-    """One panel per task: x = preserve mean accuracy, y = new-task accuracy; Pareto front drawn."""
+    """One panel per task (rows of ``PLOT_COLUMNS``): x = preserve mean accuracy, y = new-task accuracy;
+    Pareto front drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,8 +213,12 @@ def pareto_plot(rows: list[dict], base: dict, path: Path, held_out: list[str] = 
     methods = sorted({r["method"] for r in rows})
     colors = {m: plt.cm.tab20((2 * i) % 20 + (2 * i // 20) % 2) for i, m in enumerate(methods)}  # unpaired hues first
     markers = {m: "osD^vPX*<>"[i % 10] for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    cols = min(len(tasks), PLOT_COLUMNS)
+    grid_rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(6.5 * cols, 5.2 * grid_rows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, tasks):
         mine = [r for r in rows if r["task"] == task]
         for m in methods:
             pts = [r for r in mine if r["method"] == m]
@@ -224,7 +232,7 @@ def pareto_plot(rows: list[dict], base: dict, path: Path, held_out: list[str] = 
         ax.set_xlabel("preserved skills, mean exact match (%)  → less forgetting")
         ax.set_ylabel("new task exact match (%)  → more learning")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    axes.flat[len(tasks) - 1].legend(fontsize=8, loc="best")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -46,3 +46,19 @@ def test_held_out_tasks_do_not_pick_the_learning_rate():
     assert "| m | 1 | 90.0 (90.0) | 90.0 (90.0) | 40.0 (40.0) | 70.0 (70.0) | 60.0 |" in text
     (nothing_held,) = split_summary(rows, [])
     assert nothing_held["held_out"] is None and nothing_held["tuned"]["tasks"] == ["h", "t"]
+
+
+def test_pareto_plot_wraps_tasks_into_rows_of_four(tmp_path):
+    """Five tasks: two rows of four panels, so the PNG is 4 x 6.5 in wide and 2 x 5.2 in tall at 110 dpi
+    (2860 x 1144 pixels, read from the PNG header), not 5 panels in one 35.75 in row."""
+    import struct
+
+    from preserve_core.bench_report import pareto_plot
+
+    rows = [{"task": f"t{i}", "method": m, "preserve_mean": {"score": 0.5 + 0.1 * j}, "new_task": {"score": 0.9 - 0.1 * j},
+             "pareto": True} for i in range(5) for j, m in enumerate(("a", "b"))]  # fmt: skip
+    path = tmp_path / "pareto.png"
+    pareto_plot(rows, {"t0": {"score": 0.0}}, path, held_out=["t4"])
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", header[16:24]) == (2860, 1144)
