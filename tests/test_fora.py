@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -206,7 +207,10 @@ def test_full_form_exports_an_exact_adapter_of_rank_n_minus_k(write_recipe, cali
     from preserve_core.methods.fora.bases import input_projector
 
     method = {"form": "full", "export_adapter": True, "u_rank": 0, "spectral_size": 0}
-    result = run_recipe(fora_recipe(write_recipe, calibration_settings, "export-adapter", method, max_steps=4))
+    path = fora_recipe(write_recipe, calibration_settings, "export-adapter", method, max_steps=4)
+    recipe = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**recipe, "output": {**recipe["output"], "merge": True}}))
+    result = run_recipe(path)
     adapter = load_file(result.final_dir / "adapter_model.safetensors")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     covs = _preserve_covs(calibration_settings["dir"], _targets(result))
@@ -219,6 +223,8 @@ def test_full_form_exports_an_exact_adapter_of_rank_n_minus_k(write_recipe, cali
         k = input_projector(covs[name].double(), SimpleNamespace(energy=0.9, rank=None, max_rank=0.5)).rank
         assert a.shape[0] == a.shape[1] - k, name
         torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
+    merged = AutoModelForCausalLM.from_pretrained(result.final_dir / "merged")  # output.merge: both
+    torch.testing.assert_close(logits(merged), logits(result.model), atol=1e-5, rtol=1e-5)
     reloaded = PeftModel.from_pretrained(base, result.final_dir)
     torch.testing.assert_close(logits(reloaded), logits(result.model), atol=1e-5, rtol=1e-5)
 
