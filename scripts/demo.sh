@@ -6,7 +6,7 @@
 # 400 steps on one calibration of 1,024 model samples (kl at its best rate for that budget, 5e-4);
 # evaluate each against the base (retention report), then compare them in one table and a
 # learning-vs-forgetting plot.
-# Usage: bash scripts/demo.sh [PPFT]   (about 6-8 minutes on 2 CPU cores once the lab is built)
+# Usage: bash scripts/demo.sh [PPFT]   (7 minutes on 2 idle CPU cores, lab build included; 10+ on a shared machine)
 set -euo pipefail
 PPFT="${1:-ppft}"
 cd "$(dirname "$0")/.."
