@@ -229,6 +229,16 @@ def test_full_form_exports_an_exact_adapter_of_rank_n_minus_k(write_recipe, cali
     torch.testing.assert_close(logits(reloaded), logits(result.model), atol=1e-5, rtol=1e-5)
 
 
+def test_adapter_export_with_every_direction_protected_is_a_zero_rank_one_adapter(write_recipe, calibration_settings):
+    """k = n leaves no free direction: W does not move and each layer exports A [1, n] = 0, B [m, 1] = 0."""
+    method = {"form": "full", "export_adapter": True, "rank": 10**6, "u_rank": 0, "spectral_size": 0}
+    result = run_recipe(fora_recipe(write_recipe, calibration_settings, "export-none-free", method, max_steps=2))
+    adapter = load_file(result.final_dir / "adapter_model.safetensors")
+    for name in _targets(result):
+        a, b = adapter[f"base_model.model.{name}.lora_A.weight"], adapter[f"base_model.model.{name}.lora_B.weight"]
+        assert a.shape[0] == b.shape[1] == 1 and not a.any() and not b.any(), name
+
+
 def test_adapter_export_needs_the_full_form_and_a_fixed_q(write_recipe, calibration_settings):
     from preserve_core.errors import RecipeError
 

@@ -43,12 +43,18 @@ def save_lora_factors_as_peft(
     config.save_pretrained(str(out_dir))
     tensors = {}
     for name, (a, b) in factors.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = _own_copy(a)
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = _own_copy(b)
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    """Float32, contiguous, on the CPU, in its own storage: layers reading one input may share one ``A``,
+    and safetensors refuses tensors that share memory."""
+    return t.detach().float().cpu().clone(memory_format=torch.contiguous_format)
 
 
 def _lora_config(ranks: dict[str, int], base_model_name_or_path: str | None) -> LoraConfig:

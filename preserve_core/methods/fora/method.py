@@ -146,10 +146,9 @@ class Fora(Method):
             if keep_anchor:
                 self.anchors[name] = linear.weight.detach().clone()
         if self.options.export_adapter:
-            complements = {}
+            complements = ComplementCache()
             for name, layer in self.layers.items():
-                q_c = complements.setdefault(id(layer.right), complement_basis(layer.projector))
-                self.w0_complement[name] = (layer.base.weight.detach().float() @ q_c).cpu()
+                self.w0_complement[name] = (layer.base.weight.detach().float() @ complements.of(layer)).cpu()
         return model
 
     def on_sharded(self, model: nn.Module) -> None:
@@ -204,7 +203,8 @@ class Fora(Method):
         batches = refresh_batches(self.ctx.calibration, self.ctx.tokenizer, recipe.data.max_length,
                                   self.options.refresh_samples, recipe.calibration.stats_batch_size)  # fmt: skip
         budget = stats_budget_bytes(recipe.calibration.stats_memory_gb, self.ctx.device)
-        for name, projector in current_projectors(model, list(self.layers), batches, self.options, self.ctx.device, budget).items():
+        projectors = current_projectors(model, list(self.layers), batches, self.options, self.ctx.device, budget)
+        for name, projector in projectors.items():
             self.refreshed[self.ctx.calibration.input_key(name)] = projector
         self._apply_refreshed()
 
@@ -279,7 +279,8 @@ class Fora(Method):
     # -- output ---------------------------------------------------------------------------------
     def export(self, model: nn.Module, out_dir: Path, tokenizer, merge: bool) -> None:
         """LoRA form: a stock PEFT adapter of rank ``r + s`` (merged weights in ``out_dir/merged`` too with ``merge``).
-        Full form: the merged model (channel folded into ``W``) with ``save_pretrained``."""
+        Full form: the merged model (channel folded into ``W``) with ``save_pretrained``; with ``export_adapter``
+        a stock PEFT adapter of ``W - W_0`` (:meth:`full_form_factors`), merged weights too with ``merge``."""
         if self.options.form == "full" and not self.options.export_adapter:
             save_merged(model, self.layers, out_dir, tokenizer)
             return
@@ -293,16 +294,15 @@ class Fora(Method):
         if merge:
             save_merged(model, self.layers, out_dir / "merged", tokenizer)
 
-
     def full_form_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Full form: ``{module: (A, B)}`` with ``B A = W - W_0`` (+ the channel), float32 on the CPU.
 
         ``W - W_0`` only ever moved through ``P_Q``, so ``(W - W_0) Q = 0`` and ``W - W_0 = (W - W_0) Q_c Q_c^T``
         with ``Q_c`` [n, n - k] the orthonormal complement: ``A = Q_c^T``, ``B = W Q_c - W_0 Q_c``. The
         channel's factors (``V_c^T``, ``U_c diag(delta)``) are appended when ``spectral_size > 0``."""
-        factors, complements = {}, {}
+        factors, complements = {}, ComplementCache()
         for name, layer in self.layers.items():
-            q_c = complements.setdefault(id(layer.right), complement_basis(layer.projector))
+            q_c = complements.of(layer)
             weight = full(layer.base.weight).detach().float()
             a, b = q_c.T, (weight @ q_c).cpu() - self.w0_complement[name]
             channel = layer.update_factors()
@@ -312,9 +312,20 @@ class Fora(Method):
         return factors
 
 
-def complement_basis(projector: RightProjector) -> torch.Tensor:
-    """``Q_c`` [n, n - k], float32: the orthonormal complement of the protected directions."""
-    return projector.vectors if projector.complement else orthonormal_complement(projector.vectors)
+class ComplementCache:
+    """``Q_c`` [n, n - k] (float32, orthonormal complement of ``Q``) once per distinct input basis. With
+    ``k = n`` (nothing free) one zero column, so the update ``0`` still exports as a rank-1 adapter."""
+
+    def __init__(self):
+        self.by_basis: dict[int, torch.Tensor] = {}
+
+    def of(self, layer: ForaLinear) -> torch.Tensor:
+        key = id(layer.right)
+        if key not in self.by_basis:
+            projector = layer.projector
+            q_c = projector.vectors if projector.complement else orthonormal_complement(projector.vectors)
+            self.by_basis[key] = q_c if q_c.shape[1] else q_c.new_zeros(q_c.shape[0], 1)
+        return self.by_basis[key]
 
 
 def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
