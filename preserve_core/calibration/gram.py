@@ -61,9 +61,9 @@ class UpperGram:
     @classmethod
     def from_full(cls, matrix: torch.Tensor) -> UpperGram:
         """The sum equal to the symmetric ``matrix`` [n, n] (its upper row blocks, copied)."""
-        gram = cls(matrix.shape[0], matrix.device)
-        gram.blocks = [matrix[lo:hi, lo:].float().clone() for lo, hi in gram.spans]
-        return gram
+        edges = block_edges(matrix.shape[0])
+        spans = zip(edges[:-1], edges[1:], strict=True)
+        return cls.from_blocks([matrix[lo:hi, lo:].float().clone() for lo, hi in spans])
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.blocks)

@@ -72,9 +72,13 @@ class InputStats:
     def dims(self) -> dict[str, int]:
         return {k: self.sums[k].n for k in self.sums}
 
+    def pop_cov(self, key: str) -> torch.Tensor:
+        """``C`` of ``key`` (full symmetric [n, n]), its sum dropped from these statistics."""
+        return self.sums.pop(key).full().div_(max(self.counts[key], 1))
+
     def into_covs(self) -> dict[str, torch.Tensor]:
         """``{key: C}`` (full symmetric [n, n]); the sums are dropped key by key as each ``C`` is built."""
-        return {k: self.sums.pop(k).full().div_(max(self.counts[k], 1)) for k in list(self.sums)}
+        return {k: self.pop_cov(k) for k in list(self.sums)}
 
     def pop_packed_covs(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """``{key: upper triangle of C, packed}`` (float32 [n (n + 1) / 2], on ``device``), one key at

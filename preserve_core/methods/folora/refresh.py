@@ -57,7 +57,6 @@ class TaskWindow:
             if float(count) > 0:
                 yield key, gram.full().div_(float(count))
             del gram
-        self.clear()
 
     def clear(self) -> None:
         self.sums, self.counts = {}, {}

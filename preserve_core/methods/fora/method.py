@@ -304,11 +304,11 @@ class Fora(Method):
         for name, layer in self.layers.items():
             q_c = complements.of(layer)
             weight = full(layer.base.weight).detach().float()
-            a, b = q_c.T, (weight @ q_c).cpu() - self.w0_complement[name]
+            a, b = q_c.T.cpu(), (weight @ q_c).cpu() - self.w0_complement[name]
             channel = layer.update_factors()
             if channel is not None:
-                a, b = torch.cat([a.cpu(), channel[0].cpu()], 0), torch.cat([b, channel[1].cpu()], 1)
-            factors[name] = (a.cpu().contiguous(), b.contiguous())
+                a, b = torch.cat([a, channel[0].cpu()], 0), torch.cat([b, channel[1].cpu()], 1)
+            factors[name] = (a, b)
         return factors
 
 

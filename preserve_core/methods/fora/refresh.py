@@ -5,8 +5,9 @@ of the layers after it, so a fixed ``Q`` stops spanning them (the compounding le
 docs/methods/fora.md). Every ``refresh_every`` optimizer steps the first ``refresh_samples``
 calibration preserve sequences run through the model being trained (no grad, eval mode); each
 target input's ``C_p`` is measured again on these current activations and ``Q`` recomputed with the
-same ``energy`` / ``rank`` / ``max_rank``, one input at a time and within ``calibration.stats_memory_gb``. Later steps are projected with the new ``Q``; what earlier
-steps wrote stays. Adam's moments are kept (each step is projected with the current ``Q`` anyway).
+same ``energy`` / ``rank`` / ``max_rank``, one input at a time and within ``calibration.stats_memory_gb``.
+Later steps are projected with the new ``Q``; what earlier steps wrote stays. Adam's moments are kept
+(each step is projected with the current ``Q`` anyway).
 Cost per refresh: one forward over ``refresh_samples`` sequences plus one ``n x n`` eigensolve per
 distinct input.
 """
@@ -39,7 +40,7 @@ def current_projectors(
         for stats in input_stats_passes(model, names, batches, positions="all", budget_bytes=budget_bytes):
             module_to_key = stats.layout.module_to_key
             for key in list(stats.sums):
-                cov = stats.sums.pop(key).full().div_(max(stats.counts[key], 1))
+                cov = stats.pop_cov(key)
                 solved[key] = input_projector(cov.to(device), options)
                 del cov
     finally:
