@@ -152,3 +152,68 @@ def test_bench_rows_are_labelled_with_their_regularizers():
 
     assert default_label({"name": "fora", "regularizers": [{"name": "kl"}, {"name": "replay", "rho": 0.1}]}) == "fora+kl+replay"
     assert default_label({"name": "kl"}) == "kl"
+
+
+@pytest.mark.parametrize("form", ["full", "lora"])
+def test_leak_on_fora_is_the_mean_relative_output_change_on_preserve_inputs(write_recipe, form):
+    """``(lambda/N) sum tr(dW C_p dW^T) / tr(W_0 C_p W_0^T)`` from merged weights and C_p, float64."""
+    method, model, recipe, regs = perturbed_fora(write_recipe, form, [{"name": "leak", "strength": 3.0}])
+    base = load_model(recipe.model, "cpu")
+    ratios = []
+    for name, layer in method.layers.items():
+        w0 = base.get_submodule(name).weight.detach().double()
+        dw = layer.merged_weight().detach().double() - w0.detach()
+        cov = method.ctx.calibration.preserve_cov(name).double()
+        ratios.append(float(torch.trace(dw @ cov @ dw.T) / torch.trace(w0 @ cov @ w0.T)))
+    assert min(ratios) > 0
+    got = regs.extra_loss(model, {}, None)
+    assert float(got.detach()) == pytest.approx(3.0 * sum(ratios) / len(ratios), rel=1e-4)
+    got.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_leak_factor_of_a_rank_deficient_second_moment():
+    from preserve_core.methods.regularizers.leak import covariance_factor
+
+    x = torch.tensor([[1.0, 2, 0, -1, 3, 0], [0, 1, 1, 0, -2, 1], [2, 0, -1, 1, 0, 0]], dtype=torch.float64)
+    cov = x.T @ x / 3  # rank 3 of 6
+    factor = covariance_factor(torch.triu(cov))  # only the upper triangle is read
+    assert factor.shape == (6, 3) and factor.dtype == torch.float32
+    torch.testing.assert_close(factor.double() @ factor.double().T, cov, atol=1e-5, rtol=1e-5)
+
+
+def test_leak_trains_fora_lora_from_the_cli(write_recipe, tmp_path):
+    method = {"name": "fora", "form": "lora", "r": 2, "rank": 4, "regularizers": [{"name": "leak", "strength": 50.0}]}
+    result = run_recipe(calibrated_recipe(write_recipe, tmp_path, "fora-leak", method))
+    import json
+
+    assert json.loads((result.run_dir / "manifest.json").read_text())["regularizers"] == ["leak"]
+    assert (result.run_dir / "final" / "adapter_model.safetensors").exists()
+
+
+def test_delta_factors_multiply_to_the_weight_change(write_recipe):
+    """LoRA (PEFT) and FoLoRA: ``B A`` from ``delta_factors`` equals the model's own weight change."""
+    from test_baselines import make_method
+
+    from preserve_core.methods.folora.layer import FoloraLinear
+    from preserve_core.methods.folora.method import Folora
+    from types import SimpleNamespace
+
+    method, model, _ = make_method(write_recipe(method={"name": "lora", "r": 2, "alpha": 4}))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    merged = {n: p.detach().clone() for n, p in model.merge_and_unload().named_parameters()}
+    base = load_model(load_recipe(write_recipe(method={"name": "lora"})).model, "cpu")
+    factors = method.delta_factors()
+    assert len(factors) == len(method.lora_layers) > 0
+    for name, (a, b) in factors.items():
+        torch.testing.assert_close(b @ a, merged[name] - base.get_submodule(name.removesuffix(".weight")).weight, atol=1e-6, rtol=1e-5)
+    layer = FoloraLinear(torch.nn.Linear(5, 3), torch.linalg.qr(torch.randn(5, 4))[0], r=2, alpha=6.0, dropout=0.0, init_std=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    (a, b), = Folora.delta_factors(SimpleNamespace(wrappers={"x": layer})).values()
+    x = torch.randn(7, 5)
+    torch.testing.assert_close(x @ a.T @ b.T, layer(x) - layer.base_layer(x))  # the branch the forward adds

@@ -52,7 +52,7 @@ class MethodOptions(StrictModel):
     regularizers: list[RegularizerConfig] = Field(
         default_factory=list,
         description="Functional regularisers on top of the method, each at most once: "
-        "kl, replay, l2sp, ewc (docs/methods/composition.md).",
+        "kl, replay, l2sp, ewc, leak (docs/methods/composition.md).",
     )
 
     @model_validator(mode="after")
@@ -141,6 +141,11 @@ class Method:
     def weight_deltas(self) -> dict[str, torch.Tensor]:
         """``{base parameter name: dW}`` with grad: the change of each base weight the method trains."""
         raise NotImplementedError(f"method {self.name} does not expose its weight change")
+
+    def delta_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """``{base parameter name: (A [q, n], B [m, q])}`` with grad and ``dW = B A``, for methods whose
+        change is low rank (penalties then need no ``m x n`` product); None when it is not factored."""
+        return None
 
     def delta_names(self) -> list[str]:
         """The keys of :meth:`weight_deltas`."""

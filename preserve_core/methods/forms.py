@@ -139,6 +139,16 @@ class FormMethod(Method):
             return {f"{name}.weight": lora_delta(layer) for name, layer in self.lora_layers.items()}
         return {n: differentiable_local(p) - local(self.theta0[n]) for n, p in self.trained.items()}
 
+    def delta_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """LoRA: ``{"<module>.weight": (A, s B)}``; full fine-tuning: None."""
+        if self.form != "lora":
+            return None
+        factors = {}
+        for name, layer in self.lora_layers.items():
+            a, b, s = lora_factors(layer)
+            factors[f"{name}.weight"] = (full(a), s * full(b))
+        return factors
+
     def weight_delta_sq_norm(self) -> torch.Tensor:
         if self.form == "lora":
             return sum(lora_delta_sq_norm(layer) for layer in self.lora_layers.values())

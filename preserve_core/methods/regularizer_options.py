@@ -48,9 +48,21 @@ class EwcRegularizerOptions(StrictModel):
     strength: float = Field(1.0, ge=0, description="lambda: the penalty is (lambda / 2) sum_i F_i (theta_i - theta_0,i)^2.")
 
 
+class LeakRegularizerOptions(StrictModel):
+    """Each layer's output change on the preserve inputs, ``(lambda/N) sum ||dW L||^2 / ||W_0 L||^2`` (``L L^T = C_p``)."""
+
+    name: Literal["leak"] = "leak"
+    strength: float = Field(
+        100.0, ge=0, description="lambda: the loss adds lambda times the mean relative output energy change per layer."
+    )
+
+
 REGULARIZER_OPTIONS = {
     cls.model_fields["name"].default: cls
-    for cls in (KlRegularizerOptions, ReplayRegularizerOptions, L2spRegularizerOptions, EwcRegularizerOptions)
+    for cls in (
+        KlRegularizerOptions, ReplayRegularizerOptions, L2spRegularizerOptions, EwcRegularizerOptions,
+        LeakRegularizerOptions,
+    )  # fmt: skip
 }
 
 RegularizerConfig = Annotated[Union[tuple(REGULARIZER_OPTIONS.values())], Field(discriminator="name")]  # noqa: UP007

@@ -248,6 +248,10 @@ class Folora(Method):
         """``{"<module>.weight": (alpha/r) B A~ V_K^T}`` with grad, float32 [m, n]."""
         return {f"{name}.weight": w.delta_weight() for name, w in self.wrappers.items()}
 
+    def delta_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{"<module>.weight": (A~ V_K^T [r, n], (alpha/r) B [m, r])}`` with grad."""
+        return {f"{name}.weight": (w.lora_A(), w.scaling * w.lora_B) for name, w in self.wrappers.items()}
+
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Step, ``lambda`` and ``gamma`` per input, the refresh state, and ``V_K`` only for inputs a refresh

@@ -236,6 +236,17 @@ class Fora(Method):
             deltas[f"{name}.weight"] = delta
         return deltas
 
+    def delta_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """LoRA form: ``{"<module>.weight": ([A'; V_c^T], [(alpha/r) B' | U_c diag(delta)])}`` with grad;
+        full form: None (its change is not low rank)."""
+        if self.options.form == "full":
+            return None
+        factors = {}
+        for name, layer in self.layers.items():
+            parts = [layer.branch_factors()] + ([layer.channel_factors()] if layer.delta is not None else [])
+            factors[f"{name}.weight"] = (torch.cat([a for a, _ in parts], 0), torch.cat([b for _, b in parts], 1))
+        return factors
+
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Only the sha256 of every layer's bases: they are derived data, recomputed from the calibration

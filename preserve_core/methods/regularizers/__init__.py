@@ -11,6 +11,7 @@ from .base import Regularizer
 from .ewc import EwcRegularizer
 from .kl import KlRegularizer
 from .l2sp import L2spRegularizer
+from .leak import LeakRegularizer
 from ..regularizer_options import REGULARIZER_OPTIONS, RegularizerConfig
 from .replay import ReplayRegularizer
 
@@ -19,11 +20,12 @@ REGULARIZERS: dict[str, type[Regularizer]] = {
     "replay": ReplayRegularizer,
     "l2sp": L2spRegularizer,
     "ewc": EwcRegularizer,
+    "leak": LeakRegularizer,
 }
 assert set(REGULARIZERS) == set(REGULARIZER_OPTIONS)
 
 # Regularisers that read the method's weight change (``Method.weight_deltas``).
-READS_WEIGHT_DELTAS = frozenset({"l2sp", "ewc"})
+READS_WEIGHT_DELTAS = frozenset({"l2sp", "ewc", "leak"})
 
 
 def regularizer_needs(configs: list) -> frozenset[str]:
