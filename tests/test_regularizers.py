@@ -69,10 +69,10 @@ def test_baseline_equals_its_form_plus_the_regulariser(write_recipe, tmp_path, b
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def perturbed_fora(write_recipe, form: str, regularizers: list[dict]):
+def perturbed_fora(write_recipe, form: str, regularizers: list[dict], **options):
     """A prepared FORA model (fake calibration) with its regularisers attached, trainables moved randomly."""
     extra = {"r": 2} if form == "lora" else {}
-    recipe = load_recipe(write_recipe(method={**FORA_FULL, "form": form, **extra, "regularizers": regularizers}))
+    recipe = load_recipe(write_recipe(method={**FORA_FULL, "form": form, **extra, **options, "regularizers": regularizers}))
     tokenizer, model = load_tokenizer(recipe.model), load_model(recipe.model, "cpu")
     calibration = fake_calibration(model)
     calibration.input_key = lambda name: name
@@ -154,11 +154,22 @@ def test_bench_rows_are_labelled_with_their_regularizers():
     assert default_label({"name": "kl"}) == "kl"
 
 
-@pytest.mark.parametrize("form", ["full", "lora"])
-def test_leak_on_fora_is_the_mean_relative_output_change_on_preserve_inputs(write_recipe, form):
-    """``(lambda/N) sum tr(dW C_p dW^T) / tr(W_0 C_p W_0^T)`` from merged weights and C_p, float64."""
-    method, model, recipe, regs = perturbed_fora(write_recipe, form, [{"name": "leak", "strength": 3.0}])
+@pytest.mark.parametrize("form,spectral_size", [("full", 2), ("lora", 2), ("full", 0), ("lora", 0)])
+def test_leak_on_fora_is_the_mean_relative_output_change_on_preserve_inputs(write_recipe, form, spectral_size):
+    """``(lambda/N) sum tr(dW C_p dW^T) / tr(W_0 C_p W_0^T)`` from merged weights and C_p, float64. Without a
+    spectral channel the penalty reads C_p only on Q's complement (``delta_row_basis``): same value."""
+    method, model, recipe, regs = perturbed_fora(
+        write_recipe, form, [{"name": "leak", "strength": 3.0}], spectral_size=spectral_size
+    )
     base = load_model(recipe.model, "cpu")
+    if form == "full":  # as the projected AdamW would have moved W: dW Q = 0
+        with torch.no_grad():
+            for name, layer in method.layers.items():
+                w0 = base.get_submodule(name).weight
+                layer.base.weight.copy_(w0 + layer.projector(layer.base.weight - w0))
+    factors = regs.items[0].factors
+    assert all(f.shape[1] <= (f.shape[0] - method.layers[n[:-7]].projector.rank if not spectral_size else f.shape[0])
+               for n, f in factors.items())  # fmt: skip
     ratios = []
     for name, layer in method.layers.items():
         w0 = base.get_submodule(name).weight.detach().double()

@@ -147,6 +147,11 @@ class Method:
         change is low rank (penalties then need no ``m x n`` product); None when it is not factored."""
         return None
 
+    def delta_row_basis(self, name: str) -> torch.Tensor | None:
+        """An orthonormal ``[n, c]`` basis that every row of ``dW`` of ``name`` (a :meth:`weight_deltas` key)
+        stays in for the whole run, when the method guarantees one (FORA: ``Q``'s complement); else None."""
+        return None
+
     def delta_names(self) -> list[str]:
         """The keys of :meth:`weight_deltas`."""
         return list(self.weight_deltas())

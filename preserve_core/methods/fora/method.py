@@ -120,6 +120,7 @@ class Fora(Method):
         self.anchors: dict[str, torch.Tensor] = {}
         self.w0: dict[str, torch.Tensor] = {}
         self.optimizer: ProjectedAdamW | None = None
+        self.complements = ComplementCache()  # Q_c per input, for regularisers that read dW's row space
         self.refreshed: dict[str, RightProjector] = {}  # input key -> P_Q from the last refresh  # full form, when a regulariser reads weight_deltas
 
     @classmethod
@@ -246,6 +247,13 @@ class Fora(Method):
             parts = [layer.branch_factors()] + ([layer.channel_factors()] if layer.delta is not None else [])
             factors[f"{name}.weight"] = (torch.cat([a for a, _ in parts], 0), torch.cat([b for _, b in parts], 1))
         return factors
+
+    def delta_row_basis(self, name: str) -> torch.Tensor | None:
+        """``Q_c`` [n, n - k] of the layer's input (``dW Q = 0``); None with a spectral channel (it writes
+        along ``V_c``) or with ``refresh_every`` (``Q`` moves during the run)."""
+        if self.options.spectral_size or self.options.refresh_every:
+            return None
+        return self.complements.of(self.layers[name.removesuffix(".weight")])
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

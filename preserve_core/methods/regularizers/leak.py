@@ -32,12 +32,30 @@ from .base import Regularizer
 EIGEN_FLOOR = 1e-12  # eigenvalues below this fraction of the largest carry no measurable energy
 
 
-def covariance_factor(upper: torch.Tensor) -> torch.Tensor:
+def covariance_factor(upper: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
     """``L`` [n, p] float32 with ``L L^T = C`` (up to eigenvalues below ``EIGEN_FLOOR`` of the top), from
-    ``C`` [n, n] given by its upper triangle (float64)."""
+    ``C`` [n, n] given by its upper triangle (float64).
+
+    With ``basis`` ``B`` [n, c] (orthonormal; every row of ``dW`` lies in its span): ``L = B V sqrt(mu)``
+    from the eigenpairs of ``B^T C B`` [c, c], so ``dW L L^T dW^T = dW C dW^T`` for every such ``dW``
+    with ``p <= c`` columns (FORA: ``c = n - k``)."""
+    if basis is not None:
+        full = upper + upper.triu(1).T
+        basis = basis.to(full.dtype)
+        upper = (basis.T @ full @ basis).triu()
     values, vectors = torch.linalg.eigh(upper, UPLO="U")
     keep = values > EIGEN_FLOOR * values.max().clamp_min(0)
-    return (vectors[:, keep] * values[keep].sqrt()).float().contiguous()
+    factor = vectors[:, keep] * values[keep].sqrt()
+    if basis is not None:
+        factor = basis @ factor
+    return factor.float().contiguous()
+
+
+def output_energy(weight: torch.Tensor, upper: torch.Tensor) -> float:
+    """``tr(W C W^T)`` for ``W`` [m, n] and ``C`` [n, n] given by its upper triangle (float64)."""
+    full = upper + upper.triu(1).T
+    w = weight.to(full.dtype)
+    return float(((w @ full) * w).sum())
 
 
 def base_module(model: nn.Module, name: str) -> nn.Module:
@@ -54,24 +72,26 @@ class LeakRegularizer(Regularizer):
     needs = frozenset({PRESERVE_STATS})
 
     def attach(self, model: nn.Module, method) -> None:
-        """One ``L`` per distinct input and every layer's ``||W_0 L||^2`` (weights before any step)."""
+        """One ``L`` per distinct input (and row space) and every layer's ``tr(W_0 C_p W_0^T)``, read before any step."""
         calibration = self.ctx.calibration
         if calibration is None:
             raise PPFTError("leak needs the preserve statistics C_p: run `ppft calibrate <recipe>` first")
         method.track_weight_deltas()
         self.method = method
-        factors: dict[str, torch.Tensor] = {}
+        factors: dict[tuple, torch.Tensor] = {}
         self.factors, self.energies = {}, {}
+        read_key, upper = None, None  # layers sharing an input are adjacent: one C_p [n, n] alive at a time
         for delta_name in method.delta_names():
             module = delta_name.removesuffix(".weight")
-            key = calibration.input_key(module)
-            if key not in factors:
-                upper = calibration.upper_triangle("preserve", key, torch.float64, "cpu")
-                factors[key] = covariance_factor(upper).to(self.ctx.device)
-            self.factors[delta_name] = factors[key]
+            key, basis = calibration.input_key(module), method.delta_row_basis(delta_name)
+            if key != read_key:
+                read_key, upper = key, calibration.upper_triangle("preserve", key, torch.float64, "cpu")
+            cache_key = (key, None if basis is None else id(basis))
+            if cache_key not in factors:
+                factors[cache_key] = covariance_factor(upper, None if basis is None else basis.cpu()).to(self.ctx.device)
+            self.factors[delta_name] = factors[cache_key]
             with torch.no_grad():
-                weight = base_module(model, module).weight.float()
-                self.energies[delta_name] = float((weight @ factors[key]).square().sum()) or 1.0
+                self.energies[delta_name] = output_energy(base_module(model, module).weight.detach().cpu(), upper) or 1.0
 
     def on_sharded(self, model: nn.Module, method) -> None:
         if getattr(method, "row_sharded_deltas", False):
