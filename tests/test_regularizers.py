@@ -44,8 +44,9 @@ def test_bad_regularizers_exit_2_with_the_key(write_recipe, regularizers, expect
 def test_a_baseline_cannot_take_its_own_regulariser_and_residual_inits_take_no_weight_penalty(write_recipe):
     result = cli("validate", write_recipe(method={"name": "kl", "regularizers": [{"name": "kl"}]}))
     assert result.exit_code == 2 and "already is the kl regulariser" in result.output
-    result = cli("validate", write_recipe(method={"name": "pissa", "r": 2, "regularizers": [{"name": "l2sp"}]}))
-    assert result.exit_code == 2 and "does not expose" in result.output
+    for weight_penalty in ("l2sp", "leak"):
+        result = cli("validate", write_recipe(method={"name": "pissa", "r": 2, "regularizers": [{"name": weight_penalty}]}))
+        assert result.exit_code == 2 and f"the {weight_penalty} regulariser penalises" in result.output
     ok = cli("validate", write_recipe(method={"name": "pissa", "r": 2, "regularizers": [{"name": "kl"}]}))
     assert ok.exit_code == 0, ok.output
 
