@@ -135,7 +135,8 @@ def test_fora_with_ewc_and_kl_calibrates_the_union_and_trains(write_recipe, tmp_
 
 
 def test_resume_with_regularizers_is_exact(write_recipe, tmp_path):
-    method = {**FORA_FULL, "regularizers": [{"name": "kl", "strength": 2.0, "preserve_batch_size": 3}, {"name": "replay", "rho": 0.3}]}
+    method = {**FORA_FULL, "regularizers": [{"name": "kl", "strength": 2.0, "preserve_batch_size": 3}, {"name": "replay", "rho": 0.3},
+                                            {"name": "leak", "strength": 500.0}]}  # fmt: skip
     common = {"max_steps": 4, "save_every": 2, "keep_last": 5, "grad_accum": 2}
     straight = run_recipe(calibrated_recipe(write_recipe, tmp_path, "straight", method, **common))
     path = calibrated_recipe(write_recipe, tmp_path, "resumed", method, **common)
