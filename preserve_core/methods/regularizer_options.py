@@ -53,7 +53,9 @@ class LeakRegularizerOptions(StrictModel):
 
     name: Literal["leak"] = "leak"
     strength: float = Field(
-        100.0, ge=0, description="lambda: the loss adds lambda times the mean relative output energy change per layer."
+        1000.0, ge=0,
+        description="lambda: the loss adds lambda times the mean relative output energy change per layer "
+        "(1000: best on the lab with FORA's LoRA form, docs/methods/ablations.md section 12).",
     )
 
 
