@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: calibrate, fine-tune the lab model on a new skill (shift) with
 # plain full fine-tuning, the strongest baseline (kl), FORA and FoLoRA as their papers describe them
-# (lab_fora_paper, lab_folora_paper) and the winning composition (lab_fora_kl: FORA's full form with
-# a high protected fraction plus a kl regulariser; docs/methods/ablations.md), all at the same budget:
-# 400 steps on one calibration of 1,024 model samples (kl at its best rate for that budget, 5e-4);
+# (lab_fora_paper, lab_folora_paper), the winning composition (lab_fora_kl: FORA's full form with
+# a high protected fraction plus a kl regulariser; docs/methods/ablations.md) and the adapter pick
+# (lab_fora_leak: FORA's LoRA form plus the leak regulariser), all at the same budget:
+# 400 steps on one calibration of 1,024 model samples (kl at its best rate for that budget, 5e-4; each recipe's own rate otherwise);
 # evaluate each against the base (retention report), then compare them in one table and a
 # learning-vs-forgetting plot.
-# Usage: bash scripts/demo.sh [PPFT]   (7 minutes on 2 idle CPU cores, lab build included; 10+ on a shared machine)
+# Usage: bash scripts/demo.sh [PPFT]   (8 minutes on 2 idle CPU cores, lab build included; 10+ on a shared machine)
 set -euo pipefail
 PPFT="${1:-ppft}"
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ OUT=runs/demo
 "$PPFT" lab build --size tiny
 SAME=(--set calibration.dir=$OUT/calibration --set calibration.num_samples=1024)
 "$PPFT" calibrate recipes/lab_fora.yaml "${SAME[@]}"
-METHODS="full kl fora_paper folora_paper fora_kl"
+METHODS="full kl fora_paper folora_paper fora_kl fora_leak"
 for method in $METHODS; do
   echo "== $method =="
   extra=()
