@@ -53,6 +53,7 @@ METHODS = {
     "full": {"name": "full"},
     "lora": {"name": "lora", "r": 16, "alpha": 32},
     "fora_lora": {"name": "fora", "form": "lora", "r": 16, "alpha": 32},
+    "fora_lora_leak": {"name": "fora", "form": "lora", "r": 16, "alpha": 32, "regularizers": [{"name": "leak"}]},
     "fora_full": {"name": "fora", "form": "full"},
     "folora": {"name": "folora", "r": 16, "alpha": 32},
     "kl": {"name": "kl", "strength": 1.0},

@@ -45,7 +45,7 @@ def test_smoke_mode_runs_every_method_and_keeps_dW_Q_zero(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     methods = result["methods"]
-    assert set(methods) == {"full", "lora", "fora_lora", "fora_full", "folora", "kl", "fora_full_bf16_weights"}
+    assert set(methods) == {"full", "lora", "fora_lora", "fora_lora_leak", "fora_full", "folora", "kl", "fora_full_bf16_weights"}
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in methods.values()), methods
     for label in ("fora_lora", "fora_full"):  # fp32 master weights: the update stays out of span(Q)
         assert methods[label]["dW_Q_over_dW"] < 1e-4 < 0.3 < methods[label]["dW_Q_over_dW_if_blind"]

@@ -116,7 +116,7 @@ class _Accumulator:
         self.calls[name] += 1
         if not self._already_added(key, x):
             rows = select_rows(x, self.mask)
-            self.sums[key].add_(rows)
+            self.sums[key].add_(rows, x.dtype)
             self.counts[key] += rows.shape[0]
         if self.stop_after == (name, self.calls[name]):
             raise _StopForward

@@ -42,7 +42,7 @@ class TaskWindow:
                 if key not in self.sums:
                     self.sums[key] = UpperGram(rows.shape[1], rows.device)
                     self.counts[key] = torch.zeros((), dtype=torch.float64, device=rows.device)
-                self.sums[key].add_(rows)
+                self.sums[key].add_(rows, x.dtype)
                 self.counts[key] += rows.shape[0]
 
     def pop_estimates(self) -> Iterator[tuple[str, torch.Tensor]]:
