@@ -81,17 +81,18 @@ class LeakRegularizer(Regularizer):
         factors: dict[tuple, torch.Tensor] = {}
         self.factors, self.energies = {}, {}
         read_key, upper = None, None  # layers sharing an input are adjacent: one C_p [n, n] alive at a time
+        device = self.ctx.device
         for delta_name in method.delta_names():
             module = delta_name.removesuffix(".weight")
             key, basis = calibration.input_key(module), method.delta_row_basis(delta_name)
-            if key != read_key:
-                read_key, upper = key, calibration.upper_triangle("preserve", key, torch.float64, "cpu")
+            if key != read_key:  # on the training device, as FORA's own eigensolves
+                read_key, upper = key, calibration.upper_triangle("preserve", key, torch.float64, device)
             cache_key = (key, None if basis is None else id(basis))
             if cache_key not in factors:
-                factors[cache_key] = covariance_factor(upper, None if basis is None else basis.cpu()).to(self.ctx.device)
+                factors[cache_key] = covariance_factor(upper, None if basis is None else basis.to(device))
             self.factors[delta_name] = factors[cache_key]
             with torch.no_grad():
-                self.energies[delta_name] = output_energy(base_module(model, module).weight.detach().cpu(), upper) or 1.0
+                self.energies[delta_name] = output_energy(base_module(model, module).weight.detach().to(device), upper) or 1.0
 
     def on_sharded(self, model: nn.Module, method) -> None:
         if getattr(method, "row_sharded_deltas", False):
