@@ -230,3 +230,16 @@ def test_delta_factors_multiply_to_the_weight_change(write_recipe):
     (a, b), = Folora.delta_factors(SimpleNamespace(wrappers={"x": layer})).values()
     x = torch.randn(7, 5)
     torch.testing.assert_close(x @ a.T @ b.T, layer(x) - layer.base_layer(x))  # the branch the forward adds
+
+
+def test_leak_refuses_row_sharded_full_form_updates():
+    from types import SimpleNamespace
+
+    from preserve_core.errors import PPFTError
+    from preserve_core.methods.regularizer_options import LeakRegularizerOptions
+    from preserve_core.methods.regularizers.leak import LeakRegularizer
+
+    leak = LeakRegularizer(LeakRegularizerOptions(), SimpleNamespace())
+    leak.on_sharded(None, SimpleNamespace(row_sharded_deltas=False))  # LoRA forms under FSDP: fine
+    with pytest.raises(PPFTError, match="leak with a row-sharded form: full under FSDP is not supported"):
+        leak.on_sharded(None, SimpleNamespace(row_sharded_deltas=True))
