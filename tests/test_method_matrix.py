@@ -25,6 +25,7 @@ MATRIX = [
     {"name": "fora", "form": "full", "regularizers": [{"name": "kl", "strength": 1.0}]},
     {"name": "fora", "form": "lora", "r": 2, "alpha": 4, "regularizers": [{"name": "leak", "strength": 1000.0}]},
     {"name": "folora", "r": 2, "alpha": 4, "regularizers": [{"name": "leak", "strength": 1000.0}]},
+    {"name": "lora", "r": 2, "alpha": 4, "regularizers": [{"name": "leak"}]},
     {"name": "fora", "form": "full", "export_adapter": True, "energy": 0.9, "u_rank": 2, "spectral_size": 2},
     {"name": "weightproj", "form": "lora", "r": 2, "alpha": 4},
     {"name": "weightproj", "form": "full"},
