@@ -7,7 +7,7 @@
 # 400 steps on one calibration of 1,024 model samples (kl at its best rate for that budget, 5e-4; each recipe's own rate otherwise);
 # evaluate each against the base (retention report), then compare them in one table and a
 # learning-vs-forgetting plot.
-# Usage: bash scripts/demo.sh [PPFT]   (8 minutes on 2 idle CPU cores, lab build included; 10+ on a shared machine)
+# Usage: bash scripts/demo.sh [PPFT]   (4m39s measured on 2 CPU cores with the lab already built; add ~2 min for its build, more on a shared machine)
 set -euo pipefail
 PPFT="${1:-ppft}"
 cd "$(dirname "$0")/.."
