@@ -54,8 +54,8 @@ class LeakRegularizerOptions(StrictModel):
     name: Literal["leak"] = "leak"
     strength: float = Field(
         1000.0, ge=0,
-        description="lambda: the loss adds lambda times the mean relative output energy change per layer "
-        "(1000: best on the lab with FORA's LoRA form, docs/methods/ablations.md section 12).",
+        description="lambda: the loss adds lambda times the mean over layers of E||dW x||^2 / E||W_0 x||^2 on the "
+        "preserve inputs (1000: best on the lab with FORA's LoRA form, docs/methods/ablations.md section 12).",
     )
 
 

@@ -118,10 +118,10 @@ class Fora(Method):
         self.w0_complement: dict[str, torch.Tensor] = {}  # export_adapter: W_0 Q_c [m, n - k], float32, CPU
         self.layers: dict[str, ForaLinear] = {}
         self.anchors: dict[str, torch.Tensor] = {}
-        self.w0: dict[str, torch.Tensor] = {}
+        self.w0: dict[str, torch.Tensor] = {}  # full form, when a regulariser reads weight_deltas
         self.optimizer: ProjectedAdamW | None = None
         self.complements = ComplementCache()  # Q_c per input, for regularisers that read dW's row space
-        self.refreshed: dict[str, RightProjector] = {}  # input key -> P_Q from the last refresh  # full form, when a regulariser reads weight_deltas
+        self.refreshed: dict[str, RightProjector] = {}  # input key -> P_Q from the last refresh
 
     @classmethod
     def needs_for(cls, options: ForaOptions) -> frozenset[str]:

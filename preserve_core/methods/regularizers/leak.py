@@ -7,9 +7,9 @@ The loss adds, averaged over the ``N`` target layers::
 
     (lambda / N) sum_layers ||dW L||_F^2 / ||W_0 L||_F^2
 
-each layer's change relative to its own output energy on the same inputs, so ``lambda`` does not
-depend on the layers' widths or scales (``lambda = 1``: a 1% mean relative change of the output
-energy costs 0.01 of loss). ``L = V diag(sqrt(mu))`` [n, p] from the eigenpairs of ``C_p`` above
+each layer's squared output change relative to its own output energy on the same inputs, so
+``lambda`` does not depend on the layers' widths or scales (``lambda = 1000``: layers whose outputs
+move by about 3% of their size on the preserve inputs, a squared ratio of 1e-3, cost 1 of loss). ``L = V diag(sqrt(mu))`` [n, p] from the eigenpairs of ``C_p`` above
 ``1e-12 mu_max`` (float64 solve, float32 factor, one per distinct input, shared by the layers reading it).
 
 Where FORA's projection makes ``dW Q = 0`` this reads only the residual the projection leaves
