@@ -36,6 +36,8 @@ from realshape import SHAPES, build  # noqa: E402
 METHODS = {
     "fora": {"name": "fora", "form": "lora", "r": 8, "alpha": 16},
     "fora_u0_s0": {"name": "fora", "form": "lora", "r": 8, "alpha": 16, "u_rank": 0, "spectral_size": 0},
+    "fora_u0_s0_leak": {"name": "fora", "form": "lora", "r": 8, "alpha": 16, "u_rank": 0, "spectral_size": 0,
+                        "regularizers": [{"name": "leak"}]},  # fmt: skip
     "folora": {"name": "folora", "r": 8, "alpha": 16},
     "lora": {"name": "lora", "r": 8, "alpha": 16},
 }
@@ -126,7 +128,7 @@ def stats_peak(sampler: RssPeak, model, tokenizer, recipe) -> int:
     from preserve_core.calibration.stats import accumulate_input_stats
     from preserve_core.models import resolve_target_modules
 
-    texts = dataset_texts(recipe.calibration.preserve_data, PRESERVE_TEXTS)
+    texts = dataset_texts(recipe.calibration.preserve_data, PRESERVE_TEXTS, recipe.calibration.seed)
     sequences = [encode_preserve_text(tokenizer, t, LENGTH) for t in texts]
     batches = preserve_batches(sequences, tokenizer, LENGTH, STATS_BATCH)
     targets = resolve_target_modules(model, None)
@@ -149,7 +151,7 @@ def stats_budget_worker(model_dir: Path, budget: str, out: Path) -> None:
     sampler = RssPeak()
     recipe = load_recipe(write_recipe(out.parent / f"work-stats-{budget}", model_dir, METHODS["lora"]))
     tokenizer, model = load_tokenizer(recipe.model), load_model(recipe.model, "cpu").eval()
-    texts = dataset_texts(recipe.calibration.preserve_data, STATS_TEXTS)
+    texts = dataset_texts(recipe.calibration.preserve_data, STATS_TEXTS, recipe.calibration.seed)
     batches = preserve_batches([encode_preserve_text(tokenizer, t, LENGTH) for t in texts], tokenizer, LENGTH, STATS_BATCH)
     targets = resolve_target_modules(model, None)
     budget_bytes = None if budget == "none" else int(float(budget) * 1e9)
@@ -198,7 +200,7 @@ def worker(model_dir: Path, method_key: str, out: Path, calibration_only: bool =
         return
     accelerator = make_accelerator(recipe)
     start, cpu = time.perf_counter(), time.process_time()
-    (method, model), _, result["setup_peak"] = sampler.measure(lambda: setup_method(recipe, model, tokenizer, accelerator))
+    (method, model, _), _, result["setup_peak"] = sampler.measure(lambda: setup_method(recipe, model, tokenizer, accelerator))
     result["setup_seconds"], result["setup_cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
     result["setup_held"] = held_bytes(model, (ForaLinear, FoloraLinear))
     result.update(describe_bases(method))
