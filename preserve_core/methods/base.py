@@ -149,7 +149,8 @@ class Method:
 
     def delta_row_basis(self, name: str) -> torch.Tensor | None:
         """An orthonormal ``[n, c]`` basis that every row of ``dW`` of ``name`` (a :meth:`weight_deltas` key)
-        stays in for the whole run, when the method guarantees one (FORA: ``Q``'s complement); else None."""
+        stays in for the whole run, when the method guarantees one (FORA: ``Q``'s complement); else None.
+        The same span for every layer that reads one input (callers may ask once per input)."""
         return None
 
     def delta_names(self) -> list[str]:

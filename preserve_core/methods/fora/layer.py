@@ -107,8 +107,7 @@ class ForaLinear(nn.Module):
 
     def _fused_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``([A'; V_c^T] [r+s, n], [(alpha/r) B' | U_c diag(delta)] [m, r+s])``, differentiable."""
-        (a, b), (va, ub) = self.branch_factors(), self.channel_factors()
-        return torch.cat([a, va], 0), torch.cat([b, ub], 1)
+        return self.factors()
 
     def branch_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A' [r, n], (alpha/r) B' [m, r])``: the LoRA branch as ``B A`` with scaling folded in."""
@@ -118,8 +117,8 @@ class ForaLinear(nn.Module):
         """``(V_c^T [s, n], U_c diag(delta) [m, s])``."""
         return self.v_c.T, self.u_c * self.delta
 
-    def update_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The layer's update over ``W`` as ``(A [r+s, n], B [m, r+s])`` with ``dW = B A``; None if empty.
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's update over ``W`` as ``(A [r+s, n], B [m, r+s])`` with ``dW = B A``, with grad; None if empty.
 
         LoRA form: ``A = [A'; V_c^T]``, ``B = [(alpha/r) B' | U_c diag(delta)]``. Full form: the channel only.
         """
@@ -128,7 +127,12 @@ class ForaLinear(nn.Module):
             parts.append(self.channel_factors())
         if not parts:
             return None
-        return torch.cat([a for a, _ in parts], 0).detach(), torch.cat([b for _, b in parts], 1).detach()
+        return torch.cat([a for a, _ in parts], 0), torch.cat([b for _, b in parts], 1)
+
+    def update_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`factors`, detached (for export and merging)."""
+        factors = self.factors()
+        return None if factors is None else (factors[0].detach(), factors[1].detach())
 
     def added_weight(self) -> torch.Tensor:
         """The update the layer adds on top of ``base.weight``, float32 [m, n], with grad

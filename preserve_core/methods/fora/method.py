@@ -120,7 +120,6 @@ class Fora(Method):
         self.anchors: dict[str, torch.Tensor] = {}
         self.w0: dict[str, torch.Tensor] = {}  # full form, when a regulariser reads weight_deltas
         self.optimizer: ProjectedAdamW | None = None
-        self.complements = ComplementCache()  # Q_c per input, for regularisers that read dW's row space
         self.refreshed: dict[str, RightProjector] = {}  # input key -> P_Q from the last refresh
 
     @classmethod
@@ -242,18 +241,14 @@ class Fora(Method):
         full form: None (its change is not low rank)."""
         if self.options.form == "full":
             return None
-        factors = {}
-        for name, layer in self.layers.items():
-            parts = [layer.branch_factors()] + ([layer.channel_factors()] if layer.delta is not None else [])
-            factors[f"{name}.weight"] = (torch.cat([a for a, _ in parts], 0), torch.cat([b for _, b in parts], 1))
-        return factors
+        return {f"{name}.weight": layer.factors() for name, layer in self.layers.items()}
 
     def delta_row_basis(self, name: str) -> torch.Tensor | None:
         """``Q_c`` [n, n - k] of the layer's input (``dW Q = 0``); None with a spectral channel (it writes
         along ``V_c``) or with ``refresh_every`` (``Q`` moves during the run)."""
         if self.options.spectral_size or self.options.refresh_every:
             return None
-        return self.complements.of(self.layers[name.removesuffix(".weight")])
+        return complement_basis(self.layers[name.removesuffix(".weight")])
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -331,9 +326,17 @@ class Fora(Method):
         return factors
 
 
+def complement_basis(layer: ForaLinear) -> torch.Tensor:
+    """``Q_c`` [n, n - k] (float32, orthonormal complement of the layer's ``Q``; the kept basis itself when
+    that is the complement). With ``k = n`` (nothing free) one zero column, so the update ``0`` still
+    exports as a rank-1 adapter."""
+    projector = layer.projector
+    q_c = projector.vectors if projector.complement else orthonormal_complement(projector.vectors)
+    return q_c if q_c.shape[1] else q_c.new_zeros(q_c.shape[0], 1)
+
+
 class ComplementCache:
-    """``Q_c`` [n, n - k] (float32, orthonormal complement of ``Q``) once per distinct input basis. With
-    ``k = n`` (nothing free) one zero column, so the update ``0`` still exports as a rank-1 adapter."""
+    """:func:`complement_basis` once per distinct input basis (layers reading one input share it)."""
 
     def __init__(self):
         self.by_basis: dict[int, torch.Tensor] = {}
@@ -341,9 +344,7 @@ class ComplementCache:
     def of(self, layer: ForaLinear) -> torch.Tensor:
         key = id(layer.right)
         if key not in self.by_basis:
-            projector = layer.projector
-            q_c = projector.vectors if projector.complement else orthonormal_complement(projector.vectors)
-            self.by_basis[key] = q_c if q_c.shape[1] else q_c.new_zeros(q_c.shape[0], 1)
+            self.by_basis[key] = complement_basis(layer)
         return self.by_basis[key]
 
 

@@ -32,17 +32,17 @@ from .base import Regularizer
 EIGEN_FLOOR = 1e-12  # eigenvalues below this fraction of the largest carry no measurable energy
 
 
-def covariance_factor(upper: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
+def covariance_factor(cov: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
     """``L`` [n, p] float32 with ``L L^T = C`` (up to eigenvalues below ``EIGEN_FLOOR`` of the top), from
-    ``C`` [n, n] given by its upper triangle (float64).
+    the symmetric ``C`` [n, n] (float64; without ``basis`` only its upper triangle is read).
 
     With ``basis`` ``B`` [n, c] (orthonormal; every row of ``dW`` lies in its span): ``L = B V sqrt(mu)``
     from the eigenpairs of ``B^T C B`` [c, c], so ``dW L L^T dW^T = dW C dW^T`` for every such ``dW``
     with ``p <= c`` columns (FORA: ``c = n - k``)."""
+    upper = cov
     if basis is not None:
-        full = upper + upper.triu(1).T
-        basis = basis.to(full.dtype)
-        upper = (basis.T @ full @ basis).triu()
+        basis = basis.to(cov.dtype)
+        upper = (basis.T @ cov @ basis).triu()
     values, vectors = torch.linalg.eigh(upper, UPLO="U")
     keep = values > EIGEN_FLOOR * values.max().clamp_min(0)
     factor = vectors[:, keep] * values[keep].sqrt()
@@ -51,11 +51,10 @@ def covariance_factor(upper: torch.Tensor, basis: torch.Tensor | None = None) ->
     return factor.float().contiguous()
 
 
-def output_energy(weight: torch.Tensor, upper: torch.Tensor) -> float:
-    """``tr(W C W^T)`` for ``W`` [m, n] and ``C`` [n, n] given by its upper triangle (float64)."""
-    full = upper + upper.triu(1).T
-    w = weight.to(full.dtype)
-    return float(((w @ full) * w).sum())
+def output_energy(weight: torch.Tensor, cov: torch.Tensor) -> float:
+    """``tr(W C W^T)`` for ``W`` [m, n] and the symmetric ``C`` [n, n]."""
+    w = weight.to(cov.dtype)
+    return float(((w @ cov) * w).sum())
 
 
 def base_module(model: nn.Module, name: str) -> nn.Module:
@@ -78,21 +77,21 @@ class LeakRegularizer(Regularizer):
             raise PPFTError("leak needs the preserve statistics C_p: run `ppft calibrate <recipe>` first")
         method.track_weight_deltas()
         self.method = method
-        factors: dict[tuple, torch.Tensor] = {}
+        factors: dict[str, torch.Tensor] = {}  # per input key (the row space is the input's, delta_row_basis)
         self.factors, self.energies = {}, {}
-        read_key, upper = None, None  # layers sharing an input are adjacent: one C_p [n, n] alive at a time
+        read_key, cov = None, None  # layers sharing an input are adjacent: one C_p [n, n] alive at a time
         device = self.ctx.device
         for delta_name in method.delta_names():
             module = delta_name.removesuffix(".weight")
-            key, basis = calibration.input_key(module), method.delta_row_basis(delta_name)
-            if key != read_key:  # on the training device, as FORA's own eigensolves
-                read_key, upper = key, calibration.upper_triangle("preserve", key, torch.float64, device)
-            cache_key = (key, None if basis is None else id(basis))
-            if cache_key not in factors:
-                factors[cache_key] = covariance_factor(upper, None if basis is None else basis.to(device))
-            self.factors[delta_name] = factors[cache_key]
+            key = calibration.input_key(module)
+            if key != read_key:  # float32 as stored, float64 on the training device, as FORA's own eigensolves
+                read_key, cov = key, calibration.preserve_cov(module).to(device=device, dtype=torch.float64)
+            if key not in factors:
+                basis = method.delta_row_basis(delta_name)
+                factors[key] = covariance_factor(cov, None if basis is None else basis.to(device))
+            self.factors[delta_name] = factors[key]
             with torch.no_grad():
-                self.energies[delta_name] = output_energy(base_module(model, module).weight.detach().to(device), upper) or 1.0
+                self.energies[delta_name] = output_energy(base_module(model, module).weight.detach().to(device), cov) or 1.0
 
     def on_sharded(self, model: nn.Module, method) -> None:
         if getattr(method, "row_sharded_deltas", False):
