@@ -30,8 +30,8 @@ test-all: setup
 	$(PY) -m pytest -q
 
 # Benchmarks: results in bench/results/, summarised in docs/results.md.
-# The goal bench (issue 12): the pick, kl, replay, full and the leak rows on all eight new lab tasks, three seeds, 400 steps
-# (about two hours with two jobs on a quiet 2-core machine; resumable; results in bench/goal/).
+# The goal bench (issue 12): the pick, kl, replay, full, the leak rows and the adapter forms with leak + kl on all eight new lab tasks, three seeds, 400 steps
+# (about two and a half hours with two jobs on a quiet 2-core machine; resumable; results in bench/goal/).
 bench-goal: setup
 	$(VENV)/bin/ppft lab build --size tiny --no-progress
 	$(VENV)/bin/ppft bench recipes/lab_bench_goal.yaml --jobs 2
