@@ -184,7 +184,7 @@ def test_fora_linear_without_an_update():
 
 def test_fora_linear_fused_factors_and_gradients():
     layer = fora_layer(2)
-    a, b = layer._fused_factors()
+    a, b = layer.factors()
     assert a.shape == (3, N) and b.shape == (M, 3)
     torch.testing.assert_close((b @ a).double(), fora_delta(2), atol=1e-6, rtol=0)
     layer(X).sum().backward()

@@ -96,7 +96,7 @@ class ForaLinear(nn.Module):
             return F.linear(x, w + (self.u_c * self.delta).to(w.dtype) @ self.v_c.T.to(w.dtype), self.base.bias)
         y = self.base(x)
         if self.r and self.delta is not None and isinstance(self.dropout, nn.Identity):
-            a, b = self._fused_factors()  # one rank-(r+s) product instead of two skinny ones
+            a, b = self.factors()  # one rank-(r+s) product instead of two skinny ones
             return y + F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype)
         if self.r:
             a, b = self.branch_factors()
@@ -104,10 +104,6 @@ class ForaLinear(nn.Module):
         if self.delta is not None:
             y = y + F.linear(F.linear(x.to(self.v_c.dtype), self.v_c.T) * self.delta, self.u_c).to(y.dtype)
         return y
-
-    def _fused_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([A'; V_c^T] [r+s, n], [(alpha/r) B' | U_c diag(delta)] [m, r+s])``, differentiable."""
-        return self.factors()
 
     def branch_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A' [r, n], (alpha/r) B' [m, r])``: the LoRA branch as ``B A`` with scaling folded in."""

@@ -34,16 +34,14 @@ EIGEN_FLOOR = 1e-12  # eigenvalues below this fraction of the largest carry no m
 
 def covariance_factor(cov: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
     """``L`` [n, p] float32 with ``L L^T = C`` (up to eigenvalues below ``EIGEN_FLOOR`` of the top), from
-    the symmetric ``C`` [n, n] (float64; without ``basis`` only its upper triangle is read).
+    the symmetric ``C`` [n, n] (float64; ``eigh`` reads the upper triangle only).
 
     With ``basis`` ``B`` [n, c] (orthonormal; every row of ``dW`` lies in its span): ``L = B V sqrt(mu)``
     from the eigenpairs of ``B^T C B`` [c, c], so ``dW L L^T dW^T = dW C dW^T`` for every such ``dW``
     with ``p <= c`` columns (FORA: ``c = n - k``)."""
-    upper = cov
     if basis is not None:
         basis = basis.to(cov.dtype)
-        upper = (basis.T @ cov @ basis).triu()
-    values, vectors = torch.linalg.eigh(upper, UPLO="U")
+    values, vectors = torch.linalg.eigh(cov if basis is None else basis.T @ cov @ basis, UPLO="U")
     keep = values > EIGEN_FLOOR * values.max().clamp_min(0)
     factor = vectors[:, keep] * values[keep].sqrt()
     if basis is not None:
