@@ -1,4 +1,5 @@
-"""Run-time guards: finiteness checks for the training state; Ctrl-C and SIGTERM deferral around writes."""
+"""Run-time guards: finiteness checks for the training state; Ctrl-C and SIGTERM deferral around writes,
+and, with several processes, stop requests that every rank honours after the same step."""
 
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def deferred_interrupts(notice: str | None = None, deliver: bool = True) -> Iter
         yield
         return
     received = []
+    coordinated = _requests
 
     def hold(signum, frame):
         if notice and not received:
@@ -94,4 +96,59 @@ def deferred_interrupts(notice: str | None = None, deliver: bool = True) -> Iter
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if received and deliver:
+        if coordinated is not None:  # several processes: a first request waits for the step boundary
+            for signum in received:
+                _request(coordinated, signum)
+            return
         raise Terminated if signal.SIGTERM in received else KeyboardInterrupt
+
+
+_requests: list[int] | None = None  # signals recorded while coordinated_interrupts() is active
+NO_STOP, STOP_INTERRUPT, STOP_TERMINATE = 0, 1, 2
+
+
+def _request(received: list[int], signum: int) -> None:
+    """Record a first stop request; a second one (the user insisting) raises at once, on this rank only."""
+    if received:
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    received.append(signum)
+
+
+@contextmanager
+def coordinated_interrupts(notice: str | None = None) -> Iterator[None]:
+    """Within the block (a run of several processes), SIGINT and SIGTERM only record a stop request.
+
+    An interrupt raised wherever it lands would stop one rank in the middle of a step while the others
+    wait in that step's collectives (a gradient all-reduce, an FSDP gather): the run hangs until the
+    collective times out. Instead the training loop reads :func:`stop_requested` at each step boundary,
+    reduces it over ranks (max) and stops every rank after the same step. A second signal to a process
+    raises there at once (the escape hatch; that rank does not wait for the others). ``notice`` is
+    printed at the first request (pass it on one rank only).
+    """
+    global _requests
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def record(signum, frame):
+        if notice and not received:
+            print(notice, file=sys.stderr, flush=True)
+        _request(received, signum)
+
+    previous = {signum: signal.signal(signum, record) for signum in HELD}
+    _requests = received
+    try:
+        yield
+    finally:
+        _requests = None
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_requested() -> int:
+    """This process's pending stop request: ``STOP_TERMINATE`` (SIGTERM), ``STOP_INTERRUPT`` (Ctrl-C) or
+    ``NO_STOP``; always ``NO_STOP`` outside :func:`coordinated_interrupts`."""
+    if not _requests:
+        return NO_STOP
+    return STOP_TERMINATE if signal.SIGTERM in _requests else STOP_INTERRUPT

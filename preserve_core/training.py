@@ -24,7 +24,16 @@ from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_chec
 from .checkpoint_integrity import newest_intact
 from .data import build_eval_dataset, build_train_dataset, check_packing_support, collate, data_fingerprint, pack
 from .errors import PPFTError, RecipeError, TrainingDiverged
-from .guards import Terminated, all_finite, deferred_interrupts, optimizer_tensors, sigterm_as_interrupt
+from .guards import (
+    STOP_TERMINATE,
+    Terminated,
+    all_finite,
+    coordinated_interrupts,
+    deferred_interrupts,
+    optimizer_tensors,
+    sigterm_as_interrupt,
+    stop_requested,
+)
 from .methods import METHODS, MethodContext
 from .methods.base import unwrap_model
 from .methods.regularizers import Regularizers, regularizer_needs
@@ -178,8 +187,17 @@ def train(recipe, resume: bool = False, show_progress: bool = True, allow_change
         if resume:
             checkpoint = resume_checkpoint(run_dir)
             start = ResumePoint(checkpoint, check_recipe_changes(recipe, checkpoint, allow_changes))
-        with sigterm_as_interrupt():
+        with _interrupt_handling(accelerator):
             return _train_locked(recipe, accelerator, run_dir, start, show_progress, settings)
+
+
+def _interrupt_handling(accelerator):
+    """One process: SIGTERM raises like Ctrl-C, wherever it lands. Several: both only record a request,
+    which the loop agrees on at the next step boundary (every rank stops after the same step)."""
+    if accelerator.num_processes == 1:
+        return sigterm_as_interrupt()
+    notice = "Stop requested: every process stops after this step and saves it (again to stop at once)."
+    return coordinated_interrupts(notice if accelerator.is_main_process else None)
 
 
 def _restore(start: ResumePoint, method, model, optimizer, scheduler, regularizers) -> TrainState:
@@ -296,6 +314,7 @@ class TrainingLoop:
         try:
             with progress:
                 while self.state.step < self.cfg.max_steps:
+                    self._stop_if_any_rank_asked()
                     loss, tokens, seconds, grad_norm = self.one_step()
                     self.after_step(loss, tokens, seconds, grad_norm, progress)
         except KeyboardInterrupt as interrupt:
@@ -309,6 +328,16 @@ class TrainingLoop:
         if self.cfg.save_every == 0 or self.state.step % self.cfg.save_every:
             self.checkpoint()
         return TrainResult(self.recipe.run_dir(), None, self.state.step, loss, metrics=self.metrics)
+
+    def _stop_if_any_rank_asked(self) -> None:
+        """Several processes: raise the strongest stop request of any rank (SIGTERM over Ctrl-C), on every
+        rank at this same step boundary; one all-reduce of one integer per step."""
+        if self.accelerator.num_processes == 1:
+            return
+        request = torch.tensor([stop_requested()], device=self.accelerator.device)
+        torch.distributed.all_reduce(request, op=torch.distributed.ReduceOp.MAX)
+        if request.item():
+            raise Terminated if request.item() == STOP_TERMINATE else KeyboardInterrupt
 
     def one_step(self) -> tuple[float, int, float, float | None]:
         """One optimizer update over ``grad_accum`` micro-batches; returns (loss, tokens, seconds, grad norm)."""
