@@ -69,7 +69,8 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if _ppid(int(entry.name)) == launcher and f"RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                if _ppid(int(entry.name)) == launcher and f"RANK={rank}".encode() in environ:
                     return int(entry.name)
             except (FileNotFoundError, ProcessLookupError, PermissionError):
                 continue
