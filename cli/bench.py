@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.common import (
@@ -42,7 +43,7 @@ def bench(
         console = human_console(as_json)
         if dry_run:
             for cell in cells:
-                console.print(cell.id)
+                console.print(cell.id, markup=False)
             console.print(f"{len(cells)} cells")
             if as_json:
                 emit_json({"cells": [cell.id for cell in cells]})
@@ -55,10 +56,11 @@ def bench(
             bar = progress.add_task("base model", total=len(cells), completed=len(cells) - len(todo))
             runner.base_scores()
             progress.update(bar, description=f"{len(todo)} cells to run, {jobs} at a time")
-            run_cells(runner, todo, jobs, resolved.training.threads, lambda cell, _: progress.update(bar, advance=1, description=cell.id))
+            advance = lambda cell, _: progress.update(bar, advance=1, description=escape(cell.id))  # noqa: E731
+            run_cells(runner, todo, jobs, resolved.training.threads, advance)
         rows, rebuilt = runner.write_results(plan, {c.id for c in todo})
         console.print(render_summary(rows, console.width))
-        console.print(f"[green]done[/]: {rebuilt}")
+        console.print(f"[green]done[/]: {escape(str(rebuilt))}")
         if as_json:
             emit_json({"out": str(runner.out), "best": best_per_method(rows), "rows": rows})
 

@@ -6,7 +6,9 @@ Registered in ``cli/main.py`` as ``app.command("calibrate")(calibrate)``.
 from __future__ import annotations
 
 import typer
-from rich.table import Table
+from rich.markup import escape
+
+from preserve_core.tables import PlainTable
 
 from cli.common import DebugOpt, OutputDirOpt, RecipeArg, SetOpt, ThreadsOpt, apply_threads, console, guarded
 
@@ -47,7 +49,7 @@ def calibrate(
             state = "up to date, reused (--force recomputes)" if cal.reused else "written"
             counts = cal.token_counts()
             held = ", ".join(f"{counts[w]} {w} tokens" for w in cal.stats()) or "no statistics: the method reads none"
-            console.print(f"[green]{state}[/]: {cal.dir} ({len(cal.preserve_texts)} preserve texts; {held})")
+            console.print(f"[green]{state}[/]: {escape(str(cal.dir))} ({len(cal.preserve_texts)} preserve texts; {held})")
 
     guarded(run, debug)
 
@@ -64,7 +66,7 @@ def common_prefix(keys: list[str]) -> str:
 def summary_table(rows: list[dict]) -> Table:
     """Per input key: width n, tokens, and the effective ranks (0.90 / 0.95 / 0.99 energy) of C_p, C_t."""
     prefix = common_prefix([r["key"] for r in rows])
-    table = Table(
+    table = PlainTable(
         title="calibration: effective rank of C_p and C_t at 0.90 / 0.95 / 0.99 energy",
         caption=f"layer inputs under {prefix}" if prefix else None,
     )

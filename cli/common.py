@@ -10,6 +10,7 @@ from typing import Annotated, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
@@ -75,7 +76,7 @@ def guarded(fn: Callable[[], object], debug: bool) -> object:
         if debug:
             raise
         kind = "invalid input" if e.exit_code == 2 else "error"
-        err_console.print(f"[bold red]{kind}:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]{kind}:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt as interrupt:
         from preserve_core.guards import Terminated
@@ -87,7 +88,7 @@ def guarded(fn: Callable[[], object], debug: bool) -> object:
         if debug:
             raise
         err_console.print(
-            f"[bold red]error:[/] {type(e).__name__}: {e}\n(rerun with --debug for the traceback)",
+            f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))}\n(rerun with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )

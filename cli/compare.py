@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from cli.common import DebugOpt, JsonOpt, emit_json, guarded, human_console
 
@@ -26,7 +27,8 @@ def compare(
         rows = compare_runs(runs, out)
         console = human_console(as_json)
         console.print(render_table(rows, console.width))
-        console.print(f"[green]written[/]: {out / 'comparison.md'}, {out / 'learning_vs_forgetting.png'}")
+        written = f"{out / 'comparison.md'}, {out / 'learning_vs_forgetting.png'}"
+        console.print(f"[green]written[/]: {escape(written)}")
         if as_json:
             emit_json({"runs": rows, "comparison_md": str(out / "comparison.md"), "plot": str(out / "learning_vs_forgetting.png")})
 

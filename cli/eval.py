@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from cli.common import (
     DebugOpt, JsonOpt, OutputDirOpt, RecipeArg, SetOpt, ThreadsOpt, apply_threads, emit_json, err_console, guarded, human_console,
@@ -49,11 +50,11 @@ def eval_cmd(
         resolved = load_recipe(recipe, set_, output_dir)
         apply_threads(resolved, threads)
         report = run_eval(
-            resolved, checkpoint, fail_on_regression, progress=lambda m: err_console.print(f"[dim]eval {m}[/]")
+            resolved, checkpoint, fail_on_regression, progress=lambda m: err_console.print(f"[dim]eval {escape(m)}[/]")
         )
         out = human_console(as_json)
         out.print(render_table(report, out.width))
-        out.print(f"report: {resolved.run_dir() / 'eval' / 'report.md'}")
+        out.print(f"report: {resolved.run_dir() / 'eval' / 'report.md'}", markup=False)
         if as_json:
             emit_json(json_summary(report, resolved.run_dir() / "eval"))
         if not report.passed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cli.common import DebugOpt, JsonOpt, console, emit_json, guarded, human_console
 
@@ -70,4 +71,4 @@ def print_card(card: dict, path, reused: bool, out: Console = console) -> None:
 
     state = "reused cached build" if reused else f"built in {card['pretrain_seconds']} s"
     data = data_dir(preset(card["size"]))  # under the current $PPFT_HOME, wherever the lab was built
-    out.print(f"[green]{state}[/]\nmodel: {path / 'model'}\ndata:  {data}", soft_wrap=True)
+    out.print(f"[green]{state}[/]\nmodel: {escape(str(path / 'model'))}\ndata:  {escape(str(data))}", soft_wrap=True)

@@ -10,6 +10,7 @@ import signal
 import sys
 
 import typer
+from rich.markup import escape
 
 from cli.common import (
     DebugOpt, JsonOpt, OutputDirOpt, RecipeArg, SetOpt, ThreadsOpt, apply_threads, console, emit_json, err_console, guarded,
@@ -52,7 +53,7 @@ def validate(
             console.print(Syntax(yaml.safe_dump(resolved, sort_keys=False), "yaml"))
         else:  # piped: the bare YAML, no colour codes, no padding
             sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
-        err_console.print(f"[green]ok[/]: {recipe} is valid")
+        err_console.print(f"[green]ok[/]: {escape(str(recipe))} is valid")
 
     guarded(run, debug)
 

@@ -138,3 +138,37 @@ def test_stdout_pipes_validate_train_eval_compare(write_recipe, tmp_path, tiny_t
     compared = stdout_json("compare", final.parent, "--out", tmp_path / "cmp", "--json")
     assert [r["method"] for r in compared["runs"]] == ["lora"]
     assert compared["runs"][0]["new_task"]["score"] == on_disk["tasks"][0]["tuned"]
+
+
+def test_brackets_in_messages_labels_and_paths_print_as_written(tmp_path, monkeypatch):
+    """Console markup must not eat user text: before, an error whose message held ``[/...]`` (gloo's
+    'Connection closed by peer [/path/pair.cc:553]') crashed the error printer, and a ``[tag]`` in a
+    path or a method label vanished from the output."""
+    import typer
+    from rich.console import Console
+
+    from cli import common
+    from preserve_core.errors import RecipeError
+
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    monkeypatch.setattr(common, "err_console", console)
+
+    def fails(error):
+        def run():
+            raise error
+
+        return run
+
+    for error, code in [(RuntimeError("Connection closed by peer [/gloo/pair.cc:553]"), 1),
+                        (RecipeError("data.train: /data/[train]/x.jsonl does not exist"), 2)]:  # fmt: skip
+        try:
+            common.guarded(fails(error), debug=False)
+        except typer.Exit as exit_:
+            assert exit_.exit_code == code
+    text = console.export_text()
+    assert "Connection closed by peer [/gloo/pair.cc:553]" in text
+    assert "/data/[train]/x.jsonl does not exist" in text
+
+    rows = [{"task": "shift", "method": "lora[r8]", "lr": 1e-3, "new_task": {"score": 0.5, "stderr": 0.01},
+             "preserve_mean": {"score": 0.9, "stderr": 0.01}, "pareto": True}]  # fmt: skip
+    assert any("lora[r8]" in line for line in rendered(render_summary(rows, 80), 80))

@@ -125,3 +125,40 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step_and_resume_is_exact(
     a = load_file(load_recipe(straight).run_dir() / "final" / "adapter_model.safetensors")
     b = load_file(run_dir / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+FAIL_SAVE_ON_RANK_0 = '''
+import os
+if os.environ.get("RANK") == "0":
+    import preserve_core.training as training
+
+    def failing(*args, **kwargs):
+        raise OSError(28, "No space left on device (injected) [/var/ckpt]")
+
+    training.save_checkpoint = failing
+'''
+
+
+@pytest.mark.slow  # one two-process run: about 15 s
+def test_an_error_on_rank_0_alone_ends_every_rank_with_its_message(write_recipe, tmp_path):
+    """Rank 0 fails in its checkpoint write (injected through ``sitecustomize``) while rank 1 waits in
+    the barrier after it: rank 1 must not wait for a collective timeout, and the launcher must exit
+    non-zero with rank 0's message (its brackets once crashed the other rank's error printer)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAIL_SAVE_ON_RANK_0)
+    path = write_recipe(training={"max_steps": 6, "save_every": 2, "batch_size": 4})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cli.main", "train", str(path),
+           "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("rank 1 kept waiting after rank 0 failed")
+    assert proc.returncode != 0
+    assert "No space left on device (injected) [/var/ckpt]" in err
+    assert "MarkupError" not in err
+    assert not list_checkpoints(load_recipe(path).run_dir())
