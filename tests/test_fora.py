@@ -229,6 +229,45 @@ def test_full_form_exports_an_exact_adapter_of_rank_n_minus_k(write_recipe, cali
     torch.testing.assert_close(logits(reloaded), logits(result.model), atol=1e-5, rtol=1e-5)
 
 
+def test_export_rank_keeps_the_top_singular_directions_inside_the_complement(
+    write_recipe, calibration_settings, tiny_model_dir
+):
+    """export_rank 3: B A is the best rank-3 approximation of W_trained - W_0 (float64 SVD of the
+    difference read from the model files), A Q = 0, the reported error is the SVD's tail, and stock PEFT
+    loads it."""
+    import json
+
+    from preserve_core.methods.fora.bases import input_projector
+
+    method = {"form": "full", "export_adapter": True, "export_rank": 3, "u_rank": 0, "spectral_size": 0}
+    result = run_recipe(fora_recipe(write_recipe, calibration_settings, "export-rank", method, max_steps=4))
+    adapter = load_file(result.final_dir / "adapter_model.safetensors")
+    report = json.loads((result.final_dir / "export_truncation.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    covs = _preserve_covs(calibration_settings["dir"], _targets(result))
+    for name in _targets(result):
+        a = adapter[f"base_model.model.{name}.lora_A.weight"].double()
+        b = adapter[f"base_model.model.{name}.lora_B.weight"].double()
+        tuned = result.model.get_submodule(name).base.weight.detach().double()
+        delta = tuned - base.get_submodule(name).weight.detach().double()
+        u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+        assert a.shape[0] == 3 and sv[3] > 1e-3 * sv[0], f"{name}: the cut must drop real directions"
+        torch.testing.assert_close(b @ a, (u[:, :3] * sv[:3]) @ vh[:3], atol=1e-6, rtol=0, msg=name)
+        q = input_projector(covs[name].double(), SimpleNamespace(energy=0.9, rank=None, max_rank=0.5)).protected()
+        assert (a @ q.double()).abs().max() < 1e-5, name
+        tail = float((sv[3:] ** 2).sum() / (sv**2).sum()) ** 0.5
+        assert report["relative_error"][name] == pytest.approx(tail, rel=1e-4), name
+    assert report["export_rank"] == 3 and report["max_relative_error"] == max(report["relative_error"].values())
+    PeftModel.from_pretrained(base, result.final_dir)
+
+
+def test_export_rank_needs_export_adapter(write_recipe, calibration_settings):
+    from preserve_core.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="export_rank truncates the adapter"):
+        load_recipe(fora_recipe(write_recipe, calibration_settings, "bad-rank", {"form": "full", "export_rank": 4}))
+
+
 def test_adapter_export_with_every_direction_protected_is_a_zero_rank_one_adapter(write_recipe, calibration_settings):
     """k = n leaves no free direction: W does not move and each layer exports A [1, n] = 0, B [m, 1] = 0."""
     method = {"form": "full", "export_adapter": True, "rank": 10**6, "u_rank": 0, "spectral_size": 0}

@@ -9,6 +9,7 @@ singular vectors of ``W``). ``form: full`` trains ``W`` with a projected AdamW (
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -90,11 +91,22 @@ class ForaOptions(MethodOptions):
         "Exact: dW Q = 0 makes dW = (dW Q_c) Q_c^T, rank n - k per input (with output.merge, merged weights too).",
     )
 
+    export_rank: int | None = Field(
+        None,
+        ge=1,
+        description="with export_adapter: keep each layer's top export_rank singular directions of W - W_0 (ours). "
+        "None: exact, rank n - k. The kept right singular vectors lie in span(Q_c), so the truncated update still "
+        "reads nothing of Q; the relative error per layer goes to export_truncation.json.",
+    )
+
     @model_validator(mode="after")
     def _adapter_export_needs_a_fixed_q(self):
         if self.export_adapter and (self.form != "full" or self.refresh_every):
             raise ValueError("export_adapter is for form: full with a fixed Q (refresh_every: 0); the LoRA form "
                              "always exports an adapter")  # fmt: skip
+        if self.export_rank is not None and not self.export_adapter:
+            raise ValueError("export_rank truncates the adapter that export_adapter: true writes; set export_adapter: "
+                             "true (form: full) or remove export_rank")  # fmt: skip
         return self
 
     @model_validator(mode="after")
@@ -299,7 +311,12 @@ class Fora(Method):
             save_merged(model, self.layers, out_dir, tokenizer)
             return
         if self.options.form == "full":
-            save_lora_factors_as_peft(out_dir, model, self.full_form_factors(), tokenizer, self.base_ref)
+            factors = self.full_form_factors()
+            if self.options.export_rank is not None:
+                factors, errors = truncate_factors(factors, self.options.export_rank, self.options.spectral_size)
+            save_lora_factors_as_peft(out_dir, model, factors, tokenizer, self.base_ref)
+            if self.options.export_rank is not None:
+                write_truncation_report(out_dir, self.options.export_rank, errors)
             if merge:
                 save_merged(model, self.layers, out_dir / "merged", tokenizer)
             return
@@ -324,6 +341,38 @@ class Fora(Method):
                 a, b = torch.cat([a, channel[0].cpu()], 0), torch.cat([b, channel[1].cpu()], 1)
             factors[name] = (a, b)
         return factors
+
+
+def truncate_factors(factors: dict, rank: int, channel: int) -> tuple[dict, dict[str, float]]:
+    """Each ``(A, B)`` of :meth:`Fora.full_form_factors` cut to the top ``rank`` singular directions of
+    its projected part ``B_p A_p`` (the channel's last ``channel`` rows/columns stay whole).
+
+    ``A_p = Q_c^T`` has orthonormal rows, so with ``B_p = U S V^T`` (float64) the update is
+    ``U S (Q_c V)^T`` and its best rank-``rank`` approximation is ``A = (Q_c V_r)^T``, ``B = U_r S_r``:
+    the kept directions stay in ``span(Q_c)`` (``A Q = 0``). Returns the factors and, per layer, the
+    relative Frobenius error ``sqrt(sum_{i > rank} s_i^2 / sum_i s_i^2)`` (0 when nothing is cut).
+    """
+    out, errors = {}, {}
+    for name, (a, b) in factors.items():
+        width = a.shape[0] - channel
+        a_p, b_p = a[:width].double(), b[:, :width].double()
+        if width <= rank:
+            out[name], errors[name] = (a, b), 0.0
+            continue
+        u, sv, vh = torch.linalg.svd(b_p, full_matrices=False)
+        total = float((sv**2).sum())
+        errors[name] = (float((sv[rank:] ** 2).sum()) / total) ** 0.5 if total > 0 else 0.0
+        a_r, b_r = (vh[:rank] @ a_p).float(), (u[:, :rank] * sv[:rank]).float()
+        out[name] = (torch.cat([a_r, a[width:]], 0), torch.cat([b_r, b[:, width:]], 1))
+    return out, errors
+
+
+def write_truncation_report(out_dir: Path, rank: int, errors: dict[str, float]) -> None:
+    """``export_truncation.json`` beside the adapter: the rank and each layer's relative error."""
+    values = list(errors.values())
+    report = {"export_rank": rank, "max_relative_error": max(values), "mean_relative_error": sum(values) / len(values),
+              "relative_error": errors}  # fmt: skip
+    (Path(out_dir) / "export_truncation.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def complement_basis(layer: ForaLinear) -> torch.Tensor:
