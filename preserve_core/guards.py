@@ -152,3 +152,32 @@ def stop_requested() -> int:
     if not _requests:
         return NO_STOP
     return STOP_TERMINATE if signal.SIGTERM in _requests else STOP_INTERRUPT
+
+
+class LossWatch:
+    """Notices a run turning to garbage with finite numbers (the divergence checks catch only inf and NaN).
+
+    ``baseline``: the mean training loss of the first ``window`` steps (of this process's run, resumed
+    or not). After that, ``ema`` moves by ``(loss - ema) / window`` per step, starting at the baseline.
+    :meth:`update` returns ``(baseline, ema)`` once, the first time after ``2 * window`` steps that
+    ``ema > factor * baseline``; else None. Fine-tuning lowers the loss; doubling it is a collapse.
+    """
+
+    def __init__(self, window: int = 10, factor: float = 2.0):
+        self.window, self.factor = window, factor
+        self.first: list[float] = []
+        self.ema: float | None = None
+        self.steps, self.fired = 0, False
+
+    def update(self, loss: float) -> tuple[float, float] | None:
+        self.steps += 1
+        if len(self.first) < self.window:
+            self.first.append(loss)
+            return None
+        baseline = sum(self.first) / self.window
+        previous = baseline if self.ema is None else self.ema
+        self.ema = previous + (loss - previous) / self.window
+        if self.fired or self.steps <= 2 * self.window or not self.ema > self.factor * baseline:
+            return None
+        self.fired = True
+        return baseline, self.ema

@@ -26,6 +26,7 @@ from .data import build_eval_dataset, build_train_dataset, check_packing_support
 from .errors import PPFTError, RecipeError, TrainingDiverged
 from .guards import (
     STOP_TERMINATE,
+    LossWatch,
     Terminated,
     all_finite,
     coordinated_interrupts,
@@ -38,7 +39,7 @@ from .methods import METHODS, MethodContext
 from .methods.base import unwrap_model
 from .methods.regularizers import Regularizers, regularizer_needs
 from .models import load_model, load_tokenizer, model_fingerprint, resolve_target_modules, write_model_card
-from .progress import TrainingProgress
+from .progress import TrainingProgress, notice
 from .runlock import run_lock
 from .resume import apply_new_hyperparameters, check_recipe_changes, optimizer_hyperparameters, resume_checkpoint
 from .runs import MetricsLog, prepare_run_dir, write_manifest
@@ -304,6 +305,7 @@ class TrainingLoop:
         self.retention = None
         self.regularizers = Regularizers([], None)
         self.sharded = is_sharded(model)
+        self.loss_watch = LossWatch()
 
     def run(self, show_progress: bool) -> TrainResult:
         from .retention import RetentionTracker
@@ -438,6 +440,7 @@ class TrainingLoop:
         step, cfg = self.state.step, self.cfg
         lr = self.scheduler.get_last_lr()[0]
         progress.update(step, loss=loss, lr=lr, tokens_per_s=tokens / max(seconds, 1e-9))
+        self._watch_loss(step, loss)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             self._log(
                 step, loss=loss, lr=lr, tokens_per_s=tokens / max(seconds, 1e-9), step_seconds=seconds,
@@ -449,6 +452,20 @@ class TrainingLoop:
             self._log(step, **self.retention.measure(self.model))
         if cfg.save_every and step % cfg.save_every == 0:
             self.checkpoint()
+
+    def _watch_loss(self, step: int, loss: float) -> None:
+        """Warn once (and log a ``loss_rising`` event) when the loss has doubled from where it started."""
+        rising = self.loss_watch.update(loss)
+        if rising is None:
+            return
+        baseline, average = rising
+        self.log.log(step, event="loss_rising", loss_baseline=baseline, loss_average=average)
+        if self.accelerator.is_main_process:
+            notice(
+                f"the training loss rose from {baseline:.3g} (mean of the first {self.loss_watch.window} steps) to "
+                f"{average:.3g} (moving average at step {step}): the run is probably collapsing with finite numbers. "
+                f"Lower training.lr (now {self.cfg.lr:g}) or set training.max_grad_norm; the run continues."
+            )
 
     def _log(self, step: int, **values) -> None:
         values = {k: v for k, v in values.items() if v is not None}

@@ -98,3 +98,49 @@ def test_all_finite_known_answers(tensors, finite):
     from preserve_core.guards import all_finite
 
     assert all_finite(tensors) is finite
+
+
+def test_loss_watch_fires_once_when_the_moving_average_doubles():
+    """Ten steps at 2.0 (baseline 2.0), then 5.0: ema_k = 5 - 3 * 0.9^k after k steps past the window,
+    first above 4.0 at k = 11 (3 * 0.9^10 = 1.046 > 1, 3 * 0.9^11 = 0.941 < 1): step 21, ema 4.0586."""
+    from preserve_core.guards import LossWatch
+
+    watch = LossWatch(window=10, factor=2.0)
+    fired = [(step, watch.update(2.0 if step <= 10 else 5.0)) for step in range(1, 40)]
+    hits = [(step, value) for step, value in fired if value is not None]
+    assert len(hits) == 1 and hits[0][0] == 21
+    assert hits[0][1] == pytest.approx((2.0, 5 - 3 * 0.9**11), rel=1e-12)
+
+
+def test_loss_watch_stays_quiet_on_a_falling_or_noisy_loss():
+    from preserve_core.guards import LossWatch
+
+    watch = LossWatch()
+    falling = [3.0 * 0.97**k for k in range(300)]
+    noisy = [1.0 + (0.9 if k % 2 else -0.9) for k in range(300)]  # swings of 90% around a flat mean
+    assert all(watch.update(x) is None for x in falling)
+    watch = LossWatch()
+    assert all(watch.update(x) is None for x in noisy)
+
+
+def test_a_collapsing_loss_is_reported_and_the_run_goes_on(write_recipe, monkeypatch, capfd):
+    """The loop's wiring: a loss that triples after step 10 (finite numbers throughout) logs one
+    loss_rising event and warns on stderr; training completes."""
+    import json
+
+    from preserve_core import training
+
+    original = training.TrainingLoop.one_step
+
+    def one_step(self):
+        loss, tokens, seconds, grad_norm = original(self)
+        return (1.0 if self.state.step <= 10 else 3.0), tokens, seconds, grad_norm
+
+    monkeypatch.setattr(training.TrainingLoop, "one_step", one_step)
+    result = train(load_recipe(write_recipe(training={"max_steps": 30})), show_progress=False)
+    assert result.steps == 30 and result.final_dir is not None
+    events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rising = [e for e in events if e.get("event") == "loss_rising"]
+    assert len(rising) == 1 and rising[0]["step"] == 21  # ema 3 - 2 * 0.9^k tops 2 at step 17; the watch waits past 20
+    assert rising[0]["loss_baseline"] == 1.0
+    assert "the training loss rose from 1 " in capfd.readouterr().err
