@@ -454,17 +454,17 @@ class TrainingLoop:
             self.checkpoint()
 
     def _watch_loss(self, step: int, loss: float) -> None:
-        """Warn once (and log a ``loss_rising`` event) when the loss has doubled from where it started."""
+        """Warn once (and log a ``loss_rising`` event) when the loss has doubled from its best point."""
         rising = self.loss_watch.update(loss)
         if rising is None:
             return
-        baseline, average = rising
-        self.log.log(step, event="loss_rising", loss_baseline=baseline, loss_average=average)
+        best, average = rising
+        self.log.log(step, event="loss_rising", loss_best=best, loss_average=average)
         if self.accelerator.is_main_process:
             notice(
-                f"the training loss rose from {baseline:.3g} (mean of the first {self.loss_watch.window} steps) to "
-                f"{average:.3g} (moving average at step {step}): the run is probably collapsing with finite numbers. "
-                f"Lower training.lr (now {self.cfg.lr:g}) or set training.max_grad_norm; the run continues."
+                f"the training loss rose from {best:.3g} (its lowest moving average) to {average:.3g} at step "
+                f"{step}: the run is probably collapsing with finite numbers. Lower training.lr (now "
+                f"{self.cfg.lr:g}) or set training.max_grad_norm; the run continues."
             )
 
     def _log(self, step: int, **values) -> None:

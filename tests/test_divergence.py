@@ -101,8 +101,9 @@ def test_all_finite_known_answers(tensors, finite):
 
 
 def test_loss_watch_fires_once_when_the_moving_average_doubles():
-    """Ten steps at 2.0 (baseline 2.0), then 5.0: ema_k = 5 - 3 * 0.9^k after k steps past the window,
-    first above 4.0 at k = 11 (3 * 0.9^10 = 1.046 > 1, 3 * 0.9^11 = 0.941 < 1): step 21, ema 4.0586."""
+    """Ten steps at 2.0 (the average starts, and is best, at 2.0), then 5.0: ema_k = 5 - 3 * 0.9^k after
+    k steps past the window, first above 2 x 2.0 at k = 11 (3 * 0.9^10 = 1.046 > 1, 3 * 0.9^11 = 0.941
+    < 1): step 21, ema 4.0586 (and 4.0586 - 2 > 1 nat)."""
     from preserve_core.guards import LossWatch
 
     watch = LossWatch(window=10, factor=2.0)
@@ -112,15 +113,19 @@ def test_loss_watch_fires_once_when_the_moving_average_doubles():
     assert hits[0][1] == pytest.approx((2.0, 5 - 3 * 0.9**11), rel=1e-12)
 
 
-def test_loss_watch_stays_quiet_on_a_falling_or_noisy_loss():
+def test_loss_watch_measures_from_the_best_point_and_needs_a_nat():
+    """A collapse after learning (6 -> 1 -> 4.5, never above the start) fires; a converged loss that
+    triples (0.02 -> 0.06) or a noisy flat one does not."""
     from preserve_core.guards import LossWatch
 
-    watch = LossWatch()
-    falling = [3.0 * 0.97**k for k in range(300)]
-    noisy = [1.0 + (0.9 if k % 2 else -0.9) for k in range(300)]  # swings of 90% around a flat mean
-    assert all(watch.update(x) is None for x in falling)
-    watch = LossWatch()
-    assert all(watch.update(x) is None for x in noisy)
+    def fires(losses):
+        watch = LossWatch()
+        return [step for step, x in enumerate(losses, 1) if watch.update(x) is not None]
+
+    collapse = [6.0] * 10 + [1.0] * 40 + [4.5] * 40
+    assert len(fires(collapse)) == 1 and 50 < fires(collapse)[0] < 70
+    assert fires([3.0 * 0.97**k for k in range(200)] + [0.06] * 100) == []  # ends at ~0.01, then 0.06
+    assert fires([1.0 + (0.9 if k % 2 else -0.9) for k in range(300)]) == []
 
 
 def test_a_collapsing_loss_is_reported_and_the_run_goes_on(write_recipe, monkeypatch, capfd):
@@ -142,5 +147,5 @@ def test_a_collapsing_loss_is_reported_and_the_run_goes_on(write_recipe, monkeyp
     events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     rising = [e for e in events if e.get("event") == "loss_rising"]
     assert len(rising) == 1 and rising[0]["step"] == 21  # ema 3 - 2 * 0.9^k tops 2 at step 17; the watch waits past 20
-    assert rising[0]["loss_baseline"] == 1.0
-    assert "the training loss rose from 1 " in capfd.readouterr().err
+    assert rising[0]["loss_best"] == 1.0
+    assert "the training loss rose from 1 (its lowest moving average)" in capfd.readouterr().err
