@@ -25,6 +25,7 @@ from .checkpoint_integrity import newest_intact
 from .data import build_eval_dataset, build_train_dataset, check_packing_support, collate, data_fingerprint, pack
 from .errors import PPFTError, RecipeError, TrainingDiverged
 from .guards import (
+    STOP_INTERRUPT,
     STOP_TERMINATE,
     LossWatch,
     Terminated,
@@ -333,13 +334,16 @@ class TrainingLoop:
 
     def _stop_if_any_rank_asked(self) -> None:
         """Several processes: raise the strongest stop request of any rank (SIGTERM over Ctrl-C), on every
-        rank at this same step boundary; one all-reduce of one integer per step."""
+        rank at this same step boundary. One all-reduce per step: the count of ranks holding each request."""
         if self.accelerator.num_processes == 1:
             return
-        request = torch.tensor([stop_requested()], device=self.accelerator.device)
-        torch.distributed.all_reduce(request, op=torch.distributed.ReduceOp.MAX)
-        if request.item():
-            raise Terminated if request.item() == STOP_TERMINATE else KeyboardInterrupt
+        mine = stop_requested()
+        flags = torch.tensor([float(mine == STOP_INTERRUPT), float(mine == STOP_TERMINATE)], device=self.accelerator.device)
+        interrupts, terminates = self.accelerator.reduce(flags, "sum").tolist()
+        if terminates:
+            raise Terminated
+        if interrupts:
+            raise KeyboardInterrupt
 
     def one_step(self) -> tuple[float, int, float, float | None]:
         """One optimizer update over ``grad_accum`` micro-batches; returns (loss, tokens, seconds, grad norm)."""

@@ -303,13 +303,19 @@ def test_extra_loss_sums_method_then_regularizers(tmp_path):
 
 
 class FakeAccelerator:
-    """Two ranks; the other holds 3.0, so sum = x + 3 and mean = (x + 3) / 2."""
+    """Two ranks; the other holds 3.0, so sum = x + 3 and mean = (x + 3) / 2. The step boundary's stop
+    flags ([Ctrl-C, SIGTERM], shape 2) sum with the other rank's ``other_stop``."""
 
     num_processes, process_index, is_main_process, device = 2, 0, True, torch.device("cpu")
     scaler = None
+    other_stop = (0.0, 0.0)
 
     def reduce(self, t, reduction):
-        assert t.shape == (1,) and t.dtype == torch.float32
+        assert t.dtype == torch.float32
+        if t.shape == (2,):
+            assert reduction == "sum"
+            return t + torch.tensor(self.other_stop)
+        assert t.shape == (1,)
         return {"sum": t + 3, "mean": (t + 3) / 2}[reduction]
 
     def clip_grad_norm_(self, params, max_norm):
@@ -557,6 +563,28 @@ def test_an_interrupt_saves_and_says_so(tmp_path, capsys, terminated):
     assert result.final_dir is None and result.run_dir == tmp_path and result.metrics is loop.metrics
     what = "Terminated (SIGTERM)" if terminated else "Interrupted"
     assert capsys.readouterr().err == f"{what}: saved {tmp_path / 'checkpoint-000002'}. Continue with --resume.\n"
+
+
+@pytest.mark.parametrize("other_stop, terminated", [((0.0, 1.0), True), ((1.0, 0.0), False), ((1.0, 1.0), True)])
+def test_a_stop_requested_on_another_rank_stops_this_one_at_the_step_boundary(tmp_path, other_stop, terminated):
+    """The other rank got a signal: this rank (no signal of its own) stops before its next step, saves
+    the last completed one, and reports the other rank's kind (SIGTERM wins over Ctrl-C)."""
+    loop = _loop(tmp_path, max_steps=6)
+    loop.accelerator = FakeAccelerator()
+    calls = _scripted(loop)
+    steps = []
+    original = loop.one_step
+
+    def one_step():
+        steps.append(loop.state.step + 1)
+        if loop.state.step + 1 == 3:
+            loop.accelerator.other_stop = other_stop  # arrives during step 3
+        return original()
+
+    loop.one_step = one_step
+    result = loop.run(show_progress=False)
+    assert steps == [1, 2, 3] and calls["saved"] == [(3, True)]
+    assert result.interrupted and result.terminated == terminated and result.steps == 3
 
 
 def test_an_interrupt_on_another_rank_is_silent(tmp_path, capsys):
