@@ -66,6 +66,10 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_requests: list[int] | None = None  # signals recorded while coordinated_interrupts() is active
+NO_STOP, STOP_INTERRUPT, STOP_TERMINATE = 0, 1, 2
+
+
 @contextmanager
 def deferred_interrupts(notice: str | None = None, deliver: bool = True) -> Iterator[None]:
     """Hold back SIGINT (Ctrl-C) and SIGTERM for the block; then, if ``deliver``, raise the interrupt.
@@ -76,7 +80,8 @@ def deferred_interrupts(notice: str | None = None, deliver: bool = True) -> Iter
     (``deliver=False``: it is dropped, for a block that already handles one). ``notice`` is printed at
     the first held-back signal. Outside the main thread (where signal handlers cannot be installed) the
     block runs unguarded; ``kill -9`` still leaves the previous checkpoint intact because checkpoints
-    are renamed into place.
+    are renamed into place. Inside :func:`coordinated_interrupts` (several processes) a held first
+    signal becomes a stop request for the step boundary instead of an exception.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -101,10 +106,6 @@ def deferred_interrupts(notice: str | None = None, deliver: bool = True) -> Iter
                 _request(coordinated, signum)
             return
         raise Terminated if signal.SIGTERM in received else KeyboardInterrupt
-
-
-_requests: list[int] | None = None  # signals recorded while coordinated_interrupts() is active
-NO_STOP, STOP_INTERRUPT, STOP_TERMINATE = 0, 1, 2
 
 
 def _request(received: list[int], signum: int) -> None:
