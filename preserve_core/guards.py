@@ -122,7 +122,8 @@ def coordinated_interrupts(notice: str | None = None) -> Iterator[None]:
     An interrupt raised wherever it lands would stop one rank in the middle of a step while the others
     wait in that step's collectives (a gradient all-reduce, an FSDP gather): the run hangs until the
     collective times out. Instead the training loop reads :func:`stop_requested` at each step boundary,
-    reduces it over ranks (max) and stops every rank after the same step. A second signal to a process
+    sums each kind of request over ranks (SIGTERM wins over Ctrl-C) and stops every rank after the
+    same step. A second signal to a process
     raises there at once (the escape hatch; that rank does not wait for the others). ``notice`` is
     printed at the first request (pass it on one rank only).
     """
