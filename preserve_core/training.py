@@ -198,8 +198,8 @@ def _interrupt_handling(accelerator):
     which the loop agrees on at the next step boundary (every rank stops after the same step)."""
     if accelerator.num_processes == 1:
         return sigterm_as_interrupt()
-    notice = "Stop requested: every process stops after this step and saves it (again to stop at once)."
-    return coordinated_interrupts(notice if accelerator.is_main_process else None)
+    message = "Stop requested: every process stops after this step and saves it (again to stop at once)."
+    return coordinated_interrupts(message if accelerator.is_main_process else None)
 
 
 def _restore(start: ResumePoint, method, model, optimizer, scheduler, regularizers) -> TrainState:

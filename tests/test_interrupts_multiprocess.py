@@ -79,8 +79,8 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-def _torchrun(path: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def _torchrun(path: Path, *args: str, pythonpath: str = str(REPO)) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cli.main", "train", str(path),
            "--no-progress", *args]  # fmt: skip
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -150,11 +150,7 @@ def test_an_error_on_rank_0_alone_ends_every_rank_with_its_message(write_recipe,
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FAIL_SAVE_ON_RANK_0)
     path = write_recipe(training={"max_steps": 6, "save_every": 2, "batch_size": 4})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cli.main", "train", str(path),
-           "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = _torchrun(path, pythonpath=f"{hook}{os.pathsep}{REPO}")
     try:
         _, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
