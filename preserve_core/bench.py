@@ -31,15 +31,21 @@ class Cell:
     lr: float
     seed: int
     method_json: str  # the method section, as sorted JSON (hashable)
+    training_json: str = "{}"  # the row's own training settings, likewise
 
     @property
     def id(self) -> str:
-        options = hashlib.sha256(self.method_json.encode()).hexdigest()[:6]  # edited options: a new cell
+        settings = self.method_json if self.training_json == "{}" else f"{self.method_json} {self.training_json}"
+        options = hashlib.sha256(settings.encode()).hexdigest()[:6]  # edited options: a new cell
         return f"{self.task}__{self.label}__lr{self.lr:g}__s{self.seed}__{options}"
 
     @property
     def method(self) -> dict:
         return json.loads(self.method_json)
+
+    @property
+    def training(self) -> dict:
+        return json.loads(self.training_json)
 
 
 def default_label(method: dict) -> str:
@@ -56,7 +62,7 @@ def plan_cells(recipe: Recipe) -> list[Cell]:
     if len(set(labels)) != len(labels):
         raise RecipeError(f"bench.methods: labels must be unique, got {labels}; set label: on repeated methods")
     return [
-        Cell(task.name, label, lr, seed, json.dumps(entry.method, sort_keys=True))
+        Cell(task.name, label, lr, seed, json.dumps(entry.method, sort_keys=True), json.dumps(entry.training, sort_keys=True))
         for task in bench.tasks
         for entry, label in zip(bench.methods, labels)
         for lr in entry.lrs
@@ -85,7 +91,8 @@ def task_eval_data(task: BenchTask) -> str:
 
 
 def cell_recipe(base: Recipe, cell: Cell, task: BenchTask, cells_dir: Path) -> Recipe:
-    """The base recipe with this cell's method, learning rate, seed, task data and run folder.
+    """The base recipe with this cell's method, its row's training settings, learning rate, seed, task data
+    and run folder.
 
     ``data.eval`` (the periodic eval loss) is the cell's own task, never the base recipe's.
     """
@@ -93,6 +100,7 @@ def cell_recipe(base: Recipe, cell: Cell, task: BenchTask, cells_dir: Path) -> R
     data.pop("bench")
     data["name"] = cell.id
     data["method"] = cell.method
+    data["training"].update(cell.training)
     data["training"].update(lr=cell.lr, seed=cell.seed, keep_last=1)
     data["data"].update(train=task.train, eval=task_eval_data(task))
     data["eval"]["target"] = [target_task(task).model_dump(mode="json")]
@@ -207,6 +215,9 @@ class BenchRunner:
             "scores": scores,
         }
         record.pop("method_json")
+        record.pop("training_json")
+        if cell.training:
+            record["training"] = cell.training
         del model, result
         prune_cell(path.parent)
         write_atomic(path, json.dumps(record, indent=2))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 NAME_MAX = 100  # characters of a name that becomes a folder name (a bench cell joins three of them)
 PATH_PART_MAX = 255  # bytes of one path component (the usual file-system limit)
@@ -244,6 +244,19 @@ class BenchMethod(StrictModel):
     label: Name | None = Field(None, description="Row label (default: method.name).")
     method: dict = Field(..., description="A method section, e.g. {name: fora, rank: 8}.")
     lrs: list[Annotated[float, Field(gt=0)]] = Field(..., min_length=1, description="Learning rates to sweep.")
+    training: dict = Field(
+        default_factory=dict,
+        description="Training settings for this row only, over the recipe's (e.g. {weight_decay: 1.0}); "
+        "not lr or seed, which come from lrs and bench.seeds.",
+    )
+
+    @field_validator("training")
+    @classmethod
+    def _no_sweep_keys(cls, value: dict) -> dict:
+        swept = sorted({"lr", "seed"} & set(value))
+        if swept:
+            raise ValueError(f"{', '.join(swept)} cannot be set here: the row's lrs and bench.seeds set them")
+        return value
 
 
 class BenchConfig(StrictModel):

@@ -144,3 +144,37 @@ def test_only_with_an_unknown_label_is_bad_input(write_recipe, tmp_path, tiny_ta
     path = bench_recipe(write_recipe, tmp_path, tiny_task_file)
     result = runner.invoke(app, ["bench", str(path), "--only", "lora"])
     assert result.exit_code == 2 and "lora8" in result.output
+
+
+def test_a_rows_own_training_settings_reach_its_cells_and_their_ids(write_recipe, tmp_path, tiny_task_file):
+    import hashlib
+
+    from preserve_core.bench import cell_recipe, plan_cells
+    from preserve_core.recipe import load_recipe
+
+    path = bench_recipe(write_recipe, tmp_path, tiny_task_file)
+    data = yaml.safe_load(path.read_text())
+    data["bench"]["methods"].append({"label": "lora8_wd", "method": {"name": "lora", "r": 8}, "lrs": [1e-2], "training": {"weight_decay": 0.5}})
+    path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(path)
+    cells = {c.label: c for c in plan_cells(recipe) if c.lr == 1e-2}
+    # without a row's own settings a cell keeps the id it always had: the method's JSON alone
+    assert cells["lora8"].id == "rev__lora8__lr0.01__s0__" + hashlib.sha256(b'{"name": "lora", "r": 8}').hexdigest()[:6]
+    same_method = hashlib.sha256(b'{"name": "lora", "r": 8} {"weight_decay": 0.5}').hexdigest()[:6]
+    assert cells["lora8_wd"].id == f"rev__lora8_wd__lr0.01__s0__{same_method}"
+    task = recipe.bench.tasks[0]
+    tuned = cell_recipe(recipe, cells["lora8_wd"], task, tmp_path / "cells")
+    plain = cell_recipe(recipe, cells["lora8"], task, tmp_path / "cells")
+    assert (tuned.training.weight_decay, tuned.training.lr, tuned.training.max_steps) == (0.5, 1e-2, 3)
+    assert plain.training.weight_decay == recipe.training.weight_decay == 0.0
+
+
+def test_a_rows_training_settings_are_checked_before_training(write_recipe, tmp_path, tiny_task_file):
+    path = bench_recipe(write_recipe, tmp_path, tiny_task_file)
+    for training, expected in [({"lr": 1e-3}, "lrs and bench.seeds set them"), ({"wieght_decay": 1.0}, "wieght_decay")]:
+        data = yaml.safe_load(path.read_text())
+        data["bench"]["methods"][0]["training"] = training
+        path.write_text(yaml.safe_dump(data))
+        result = runner.invoke(app, ["bench", str(path)])
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert not (tmp_path / "bench-out" / "cells").exists()
