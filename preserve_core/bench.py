@@ -178,6 +178,9 @@ class BenchRunner:
         r = self.recipe
         settings = {"steps": r.training.max_steps, "batch_size": r.training.batch_size, "seeds": r.bench.seeds,
                     "model": r.model.name_or_path, "held_out": [t.name for t in r.bench.tasks if t.held_out]}  # fmt: skip
+        own = {m.label or default_label(m.method): m.training for m in r.bench.methods if m.training}
+        if own:
+            settings["row_training"] = own  # rows whose training settings differ from the recipe's
         rows = write_results(self.out, cells, self.base_scores(), [t.name for t in r.eval.preserve], settings)
         return rows, describe_rebuild(self.out, counts)
 

@@ -178,3 +178,21 @@ def test_a_rows_training_settings_are_checked_before_training(write_recipe, tmp_
         result = runner.invoke(app, ["bench", str(path)])
         assert result.exit_code == 2 and expected in result.output, result.output
         assert not (tmp_path / "bench-out" / "cells").exists()
+
+
+def test_a_row_with_its_own_training_settings_trains_and_reports_them(write_recipe, tmp_path, tiny_task_file):
+    path = bench_recipe(write_recipe, tmp_path, tiny_task_file)
+    data = yaml.safe_load(path.read_text())
+    data["bench"]["methods"][1]["training"] = {"weight_decay": 0.5, "max_steps": 2}
+    path.write_text(yaml.safe_dump(data))
+    result = runner.invoke(app, ["bench", str(path), "--only", "lora8"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "bench-out"
+    (cell,) = (out / "cells").glob("rev__lora8__*/cell.json")
+    assert json.loads(cell.read_text())["training"] == {"weight_decay": 0.5, "max_steps": 2}
+    trained = yaml.safe_load((cell.parent / "recipe.resolved.yaml").read_text())["training"]
+    assert (trained["weight_decay"], trained["max_steps"], trained["lr"]) == (0.5, 2, 1e-2)
+    steps = [json.loads(line)["step"] for line in (cell.parent / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2], "the row's max_steps, not the recipe's 3"
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["row_training"] == {"lora8": {"weight_decay": 0.5, "max_steps": 2}} and settings["steps"] == 3
