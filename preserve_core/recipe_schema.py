@@ -7,6 +7,7 @@ section is the union of those, discriminated by ``method.name``.
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -256,6 +257,12 @@ class BenchMethod(StrictModel):
         swept = sorted({"lr", "seed"} & set(value))
         if swept:
             raise ValueError(f"{', '.join(swept)} cannot be set here: the row's lrs and bench.seeds set them")
+        valid = [k for k in TrainingConfig.model_fields if k not in ("lr", "seed")]
+        unknown = [k for k in value if k not in valid]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), valid, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unknown training key {unknown[0]!r}.{hint} Valid keys here: {', '.join(valid)}")
         return value
 
 

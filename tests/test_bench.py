@@ -171,7 +171,7 @@ def test_a_rows_own_training_settings_reach_its_cells_and_their_ids(write_recipe
 
 def test_a_rows_training_settings_are_checked_before_training(write_recipe, tmp_path, tiny_task_file):
     path = bench_recipe(write_recipe, tmp_path, tiny_task_file)
-    for training, expected in [({"lr": 1e-3}, "lrs and bench.seeds set them"), ({"wieght_decay": 1.0}, "wieght_decay")]:
+    for training, expected in [({"lr": 1e-3}, "lrs and bench.seeds set them"), ({"wieght_decay": 1.0}, "Did you mean 'weight_decay'")]:
         data = yaml.safe_load(path.read_text())
         data["bench"]["methods"][0]["training"] = training
         path.write_text(yaml.safe_dump(data))
