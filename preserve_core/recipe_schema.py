@@ -7,10 +7,9 @@ section is the union of those, discriminated by ``method.name``.
 
 from __future__ import annotations
 
-import difflib
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
 NAME_MAX = 100  # characters of a name that becomes a folder name (a bench cell joins three of them)
 PATH_PART_MAX = 255  # bytes of one path component (the usual file-system limit)
@@ -239,31 +238,45 @@ class BenchTask(StrictModel):
     )
 
 
+class _RowTrainingBase(StrictModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _not_swept(cls, data):
+        swept = sorted({"lr", "seed"} & set(data)) if isinstance(data, dict) else []
+        if swept:
+            raise ValueError(f"{', '.join(swept)} cannot be set here: the row's lrs and bench.seeds set them")
+        return data
+
+    def settings(self) -> dict:
+        """The keys the row sets, as plain JSON values."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+def _as_override(field) -> tuple:
+    """A ``TrainingConfig`` field as an optional override with the same bounds."""
+    annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    return (annotation | None, Field(None, description=field.description))
+
+
+# TrainingConfig's fields but lr and seed, each optional: what a bench row may set for its own cells
+RowTraining = create_model(
+    "RowTraining",
+    __base__=_RowTrainingBase,
+    **{name: _as_override(f) for name, f in TrainingConfig.model_fields.items() if name not in ("lr", "seed")},
+)
+
+
 class BenchMethod(StrictModel):
     """One method of the comparison and its learning-rate sweep."""
 
     label: Name | None = Field(None, description="Row label (default: method.name).")
     method: dict = Field(..., description="A method section, e.g. {name: fora, rank: 8}.")
     lrs: list[Annotated[float, Field(gt=0)]] = Field(..., min_length=1, description="Learning rates to sweep.")
-    training: dict = Field(
-        default_factory=dict,
+    training: RowTraining = Field(
+        default_factory=RowTraining,
         description="Training settings for this row only, over the recipe's (e.g. {weight_decay: 1.0}); "
         "not lr or seed, which come from lrs and bench.seeds.",
     )
-
-    @field_validator("training")
-    @classmethod
-    def _no_sweep_keys(cls, value: dict) -> dict:
-        swept = sorted({"lr", "seed"} & set(value))
-        if swept:
-            raise ValueError(f"{', '.join(swept)} cannot be set here: the row's lrs and bench.seeds set them")
-        valid = [k for k in TrainingConfig.model_fields if k not in ("lr", "seed")]
-        unknown = [k for k in value if k not in valid]
-        if unknown:
-            close = difflib.get_close_matches(str(unknown[0]), valid, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"unknown training key {unknown[0]!r}.{hint} Valid keys here: {', '.join(valid)}")
-        return value
 
 
 class BenchConfig(StrictModel):
