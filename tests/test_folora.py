@@ -342,3 +342,41 @@ def test_euclidean_step_divides_each_columns_gate_and_init_by_its_length(write_r
             row_norms.append(seen["a0"][name].double().square().sum(1))
     assert lengths.max() > 3 * lengths.min()  # the penalty step would differ a lot between columns
     assert 0.25 < float(torch.cat(row_norms).mean()) < 0.42
+
+
+def test_shrink_step_shortens_each_columns_euclidean_step_by_its_preserve_energy(write_recipe, monkeypatch):
+    """``step: shrink``: gate_i / |v_i| * (1 + s p_i / mean)^(-1/2) with ``p_i = u_i^T C_p u_i`` of the unit
+    direction ``u_i = v_i / |v_i|`` and ``mean = tr(C_p) / n``, all from scipy's M-normalised eigenvectors."""
+    import numpy as np
+    import scipy.linalg
+
+    seen = {}
+    original = Folora.build_optimizer
+
+    def capture(self, model, training):
+        optimizer = original(self, model, training)
+        seen["method"], seen["optimizer"] = self, optimizer
+        return optimizer
+
+    monkeypatch.setattr(Folora, "build_optimizer", capture)
+    options = {"step": "shrink", "shrink_strength": 50.0, "damping": 1e-2}
+    run(folora_recipe(write_recipe, "shrink", options, training={"max_steps": 1}))
+    method, optimizer = seen["method"], seen["optimizer"]
+    shrinks = []
+    for key, names in method.names_by_key.items():
+        c_p = method.ctx.calibration.cov_by_key("preserve", key).double().numpy()
+        c_t = method.ctx.calibration.cov_by_key("task", key).double().numpy()
+        m = damped_preserve(torch.from_numpy(c_p), 1e-2).numpy()
+        lam, vecs = scipy.linalg.eigh((c_t + c_t.T) / 2, m)
+        vecs, lam = vecs[:, ::-1], torch.from_numpy(lam[::-1].copy())
+        lengths = np.linalg.norm(vecs, axis=0)
+        units = vecs / lengths
+        energy = np.einsum("ni,nm,mi->i", units, (c_p + c_p.T) / 2, units)
+        shrink = torch.from_numpy((1 + 50.0 * energy / (np.trace(c_p) / len(c_p))) ** -0.5)
+        shrinks.append(shrink)
+        expected = gate_values(lam, gamma_of(lam, 0.5), "soft").double() / torch.from_numpy(lengths.copy()) * shrink
+        for name in names:
+            torch.testing.assert_close(optimizer.gate(method.wrappers[name].lora_A_tilde).double(), expected,
+                                       rtol=2e-3, atol=1e-6)  # fmt: skip
+    shrinks = torch.cat(shrinks)
+    assert shrinks.max() > 2 * shrinks.min()  # the shrink differs between columns: a plain rescale would fail

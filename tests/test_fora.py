@@ -509,3 +509,62 @@ def test_bf16_full_form_keeps_float32_masters_resumes_exactly_and_leaks_one_roun
         exact = master.double() - w0
         assert exact.norm() > 1e-2 and (exact @ q).norm() < 1e-5 * exact.norm(), name
         assert ((w.double() - w0) @ q).norm() <= 2.0**-8 * master.double().norm(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# residual_shrink: the soft half of P_Q (ours)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", [torch.float64, torch.float32])
+def test_residual_shrink_keeps_each_unprotected_direction_at_its_hand_computed_length(solver):
+    """C_p = E diag(lambda) E^T: P maps the k protected e_i to 0 and every other e_i to s_i e_i with
+    s_i = (1 + strength * lambda_i / mean(lambda))^(-1/2) written out by hand; lambda = 0 stays whole."""
+    from types import SimpleNamespace
+
+    from preserve_core.methods.fora.bases import input_projector
+
+    values = [40.0, 20.0, 10.0, 4.0, 2.0, 1.0, 0.5, 0.1, 0.0, 0.0]  # mean 7.76
+    cov, e = _cov_with_spectrum(values, 11)
+    projector = input_projector(torch.triu(cov).to(solver), SimpleNamespace(energy=0.9, rank=3, max_rank=1.0,
+                                                                             residual_shrink=7.76))  # fmt: skip
+    # strength = mean(lambda): s_i = (1 + lambda_i)^(-1/2)
+    kept = [0.0, 0.0, 0.0, 5 ** -0.5, 3 ** -0.5, 2 ** -0.5, 1.5 ** -0.5, 1.1 ** -0.5, 1.0, 1.0]
+    out = projector(e.T.float()).double()  # row i: P applied to e_i
+    tol = 2e-6 if solver == torch.float64 else 2e-5
+    torch.testing.assert_close(out, torch.diag(torch.tensor(kept, dtype=torch.float64)) @ e.T, atol=tol, rtol=0)
+    assert projector.shrink_vectors.shape == (10, 5)  # the zero eigenvalues are left out (nothing to shrink)
+    plain = input_projector(torch.triu(cov).to(solver), SimpleNamespace(energy=0.9, rank=3, max_rank=1.0))
+    assert plain.shrink_vectors is None  # off by default: the spec's hard projector
+
+
+def test_residual_shrink_reaches_the_lora_branch_the_export_and_the_checkpoint_hash(tiny_model_dir):
+    """A' = A P with P = I - Q Q^T - sum_i (1 - s_i) v_i v_i^T from a float64 eigendecomposition of the
+    layer's C_p; the full form's optimizer is handed the same P; a checkpoint made without the shrink is
+    refused (its bases differ)."""
+    from preserve_core.errors import PPFTError
+
+    options = {"form": "lora", "u_rank": 0, "spectral_size": 0, "energy": 0.5, "max_rank": 0.99}
+    method, _ = _fora_on_tiny(tiny_model_dir, {**options, "residual_shrink": 30.0})
+    layer = method.layers["model.layers.0.mlp.down_proj"]
+    n = layer.in_features
+    values = torch.tensor([float(n - i) for i in range(n)], dtype=torch.float64)  # _fora_on_tiny's spectrum
+    e = _cov_with_spectrum(values.tolist(), 7)[1]
+    k = int((values.cumsum(0) / values.sum() < 0.5).sum()) + 1
+    s = (1 + 30.0 * values / values.mean()).rsqrt()
+    s[:k] = 0
+    expected = layer.lora_A.detach().double() @ (e @ torch.diag(s) @ e.T)
+    torch.testing.assert_close(layer.branch_factors()[0].detach().double(), expected, atol=2e-5, rtol=0)
+    a, _ = layer.update_factors()  # what the PEFT export writes as lora_A
+    torch.testing.assert_close(a.double(), expected, atol=2e-5, rtol=0)
+    plain, _ = _fora_on_tiny(tiny_model_dir, options)
+    with pytest.raises(PPFTError, match="differ from those the checkpoint"):
+        method.load_state_dict(plain.state_dict())
+
+
+@pytest.mark.parametrize("bad", [{"source": "weight"}, {"form": "full", "refresh_every": 2}])
+def test_residual_shrink_needs_activation_eigenvalues_and_a_fixed_q(bad, write_recipe, calibration_settings):
+    from preserve_core.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="residual_shrink reads the eigenvalues of C_p"):
+        load_recipe(fora_recipe(write_recipe, calibration_settings, "bad", {"residual_shrink": 10.0, **bad}))

@@ -21,6 +21,7 @@ MATRIX = [
     {"name": "full"},
     {"name": "lora", "r": 2, "alpha": 4},
     {"name": "fora", "form": "lora", "r": 2, "alpha": 4, "u_rank": 2, "spectral_size": 2},
+    {"name": "fora", "form": "lora", "r": 2, "alpha": 4, "residual_shrink": 100.0},
     {"name": "fora", "form": "full", "u_rank": 2},
     {"name": "fora", "form": "full", "regularizers": [{"name": "kl", "strength": 1.0}]},
     {"name": "fora", "form": "lora", "r": 2, "alpha": 4, "regularizers": [{"name": "leak", "strength": 1000.0}]},

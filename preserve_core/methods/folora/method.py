@@ -71,11 +71,15 @@ class FoloraOptions(MethodOptions):
     init_gated: bool = Field(
         False, description="Scale A~'s random initial columns by their step-0 gate (ours; the spec: plain random)."
     )
-    step: Literal["penalty", "euclidean"] = Field(
+    step: Literal["penalty", "euclidean", "shrink"] = Field(
         "penalty",
         description="penalty (spec): Adam steps A~ in units of forgetting penalty, so A moves lr |v_i| along v_i; "
         "euclidean (ours): column i's step and initial std are divided by |v_i|, so A moves lr along every open "
-        "direction, as plain LoRA's A does.",
+        "direction, as plain LoRA's A does; shrink (ours): euclidean times (1 + shrink_strength * p_i / mean "
+        "lambda(C_p))^(-1/2), p_i the preserve energy of v_i's unit direction (FORA's residual_shrink).",
+    )
+    shrink_strength: float = Field(
+        100.0, gt=0, le=1e12, description="step: shrink: how hard a direction's preserve energy shortens its step."
     )
     refresh_every: int = Field(0, ge=0, description="Re-estimate C_t, V and lambda every this many steps (0: never).")
     refresh_window: int = Field(
@@ -121,7 +125,7 @@ class Folora(Method):
                 solved[key] = Basis(vectors, basis.values), init_std
                 del basis  # the float64 solution: only the float32 copy lives on
                 self.values[key] = solved[key][0].values
-                self.step_scales[key] = self._step_scale(vectors)
+                self.step_scales[key] = self._step_scale(vectors, key)
             self.names_by_key.setdefault(key, []).append(name)
             basis, init_std = solved[key]
             self.wrappers[name] = install(model, name, lambda lin: self._wrap(lin, basis, init_std, key))
@@ -138,15 +142,28 @@ class Folora(Method):
             c_p = self.ctx.calibration.cov_by_key("preserve", key).to(self.ctx.device)
         keep = resolve_keep(self.options.keep, c_p.shape[0])
         basis = generalized_basis(c_t.to(self.ctx.device), c_p, self.options.damping, keep)
-        if self.options.step == "euclidean":  # |a~_i v_i| ~ N(0, 1/(3K)): a row of A has PEFT's norm^2 1/3
+        if self.options.step != "penalty":  # |a~_i v_i| ~ N(0, 1/(3K)): a row of A has PEFT's norm^2 1/3
             return basis, default_init_std(float(c_p.shape[0]), c_p.shape[0], keep)
         return basis, default_init_std(float(torch.trace(c_p)), c_p.shape[0], keep)
 
-    def _step_scale(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``1 / |v_i|`` per column of ``V_K`` [n, K] (``step: euclidean``), else ones; float32 [K]."""
+    def _step_scale(self, vectors: torch.Tensor, key: str) -> torch.Tensor:
+        """Per column of ``V_K`` [n, K] of input ``key``: ``1 / |v_i|`` (``step: euclidean``), that times
+        :meth:`_shrink` (``step: shrink``), else ones; float32 [K]."""
         if self.options.step == "penalty":
             return torch.ones(vectors.shape[1], device=vectors.device)
-        return (1.0 / vectors.double().norm(dim=0).clamp_min(1e-30)).float()
+        norms = vectors.double().norm(dim=0).clamp_min(1e-30)
+        if self.options.step == "euclidean":
+            return (1.0 / norms).float()
+        return (self._shrink(vectors, norms, key) / norms).float()
+
+    def _shrink(self, vectors: torch.Tensor, norms: torch.Tensor, key: str) -> torch.Tensor:
+        """``(1 + strength * u_i^T C_p u_i / mean eigenvalue of C_p)^(-1/2)`` with ``u_i = v_i / |v_i|``, float64 [K]:
+        one Adam step's preserve output change along ``u_i`` is at most ``mean / strength`` (FORA's residual_shrink)."""
+        c_p = self.ctx.calibration.cov_by_key("preserve", key).to(vectors.device).double()
+        units = vectors.double() / norms
+        energy = ((c_p @ units) * units).sum(0).clamp_min(0)
+        mean = float(torch.trace(c_p)) / c_p.shape[0]
+        return (1 + self.options.shrink_strength * energy / max(mean, 1e-300)).rsqrt()
 
     def _wrap(self, linear: nn.Linear, basis: Basis, init_std: float, key: str) -> FoloraLinear:
         o = self.options
@@ -237,7 +254,7 @@ class Folora(Method):
             if w.basis.data_ptr() != self.wrappers[names[0]].basis.data_ptr() or name == names[0]:
                 w.basis.copy_(basis.vectors)  # the layers of one input share one tensor: copied once
         self.values[key] = basis.values
-        self.step_scales[key] = self._step_scale(basis.vectors)
+        self.step_scales[key] = self._step_scale(basis.vectors, key)
         self.rebased.add(key)
 
     # -- the weight change (l2sp / ewc regularisers) --------------------------------------------
@@ -275,7 +292,7 @@ class Folora(Method):
                 for name in names:
                     self.wrappers[name].basis.copy_(state[f"basis/{key}"])
             self.values[key] = state[f"values/{key}"].to(self.ctx.device)
-            self.step_scales[key] = self._step_scale(self.wrappers[names[0]].basis)
+            self.step_scales[key] = self._step_scale(self.wrappers[names[0]].basis, key)
             self.gammas[key] = float(state[f"gamma/{key}"])
         self.task_covs = {k.partition("/")[2]: v for k, v in state.items() if k.startswith("task_cov/")}
         self.window.load_state_dict({k: v for k, v in state.items() if k.startswith("window_")}, self.ctx.device)

@@ -30,6 +30,8 @@ class RightProjector:
 
     vectors: torch.Tensor
     complement: bool = False
+    shrink_vectors: torch.Tensor | None = None  # [n, j], orthonormal, inside the complement (residual_shrink)
+    shrink: torch.Tensor | None = None  # [j], the fraction 1 - s_i of each such direction removed
 
     @property
     def rank(self) -> int:
@@ -41,8 +43,13 @@ class RightProjector:
         """``X P_Q`` for ``X`` [..., n], in ``X``'s dtype."""
         v = self.vectors.to(x.dtype)
         if self.complement:
-            return (x @ v) @ v.T
-        return x if v.shape[1] == 0 else x - (x @ v) @ v.T
+            out = (x @ v) @ v.T
+        else:
+            out = x if v.shape[1] == 0 else x - (x @ v) @ v.T
+        if self.shrink_vectors is not None and self.shrink_vectors.shape[1]:
+            vs = self.shrink_vectors.to(x.dtype)
+            out = out - ((x @ vs) * self.shrink.to(x.dtype)) @ vs.T
+        return out
 
     def protected(self) -> torch.Tensor:
         """``Q`` [n, k] itself (computed from ``Q_c`` when that is what is kept; for export and checks)."""
@@ -120,8 +127,9 @@ def input_projector(cov: torch.Tensor, options) -> RightProjector:
     values, vectors = torch.linalg.eigh(cov, UPLO="U")
     values = values.double().flip(0).clamp_min(0)
     k = select_rank(values, options.energy, options.rank, options.max_rank)
-    del values
     n = vectors.shape[0]
+    shrink_vectors, shrink = residual_shrink(values, vectors, k, getattr(options, "residual_shrink", 0.0))
+    del values
     # eigh's columns ascend: the top k are the last k (reversed), the complement the first n - k
     if 2 * k <= n:
         kept = vectors[:, n - k :].flip(1).float().contiguous()
@@ -130,7 +138,31 @@ def input_projector(cov: torch.Tensor, options) -> RightProjector:
         kept = vectors[:, : n - k].flip(1).float().contiguous()
         complement = True
     del vectors
-    return RightProjector(kept, complement)
+    return RightProjector(kept, complement, shrink_vectors, shrink)
+
+
+def residual_shrink(
+    values: torch.Tensor, vectors: torch.Tensor, k: int, strength: float
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The soft half of ``P_Q`` (``residual_shrink``, ours): each unprotected eigendirection ``v_i`` of ``C_p``
+    is kept at ``s_i = (1 + strength * lambda_i / mean(lambda))^(-1/2)`` of its length instead of 1.
+
+    ``values`` [n] descending, ``vectors`` [n, n] ``eigh``'s ascending columns, ``k`` protected. An Adam
+    step moves ``A`` by about ``lr`` per entry whatever the gradient's size, so ``A P`` moves along ``v_i``
+    by about ``lr s_i``: the preserve output change one step can make along ``v_i``, ``lambda_i s_i^2``,
+    is at most ``mean(lambda) / strength`` however much preserve energy ``v_i`` carries, while directions
+    the preserve inputs do not use (``lambda_i ~ 0``) stay fully readable. Returns ``(V_s [n, j], 1 - s [j])``
+    for the ``j`` directions with ``1 - s_i > 1e-4`` (float32), or ``(None, None)`` when ``strength`` is 0.
+    """
+    if strength <= 0:
+        return None, None
+    n = values.numel()
+    mean = float(values.sum()) / n
+    rest = values[k:]
+    cut = 1 - (1 + strength * rest / max(mean, 1e-300)).rsqrt()
+    j = int((cut > 1e-4).sum())  # values descend, so the cut does too: the first j are the ones kept
+    columns = vectors[:, : n - k].flip(1)[:, :j]  # ascending -> descending, the complement's leading j
+    return columns.float().contiguous(), cut[:j].float().contiguous()
 
 
 def weight_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -37,6 +37,10 @@ class ForaLinear(nn.Module):
         device = base.weight.device
         self.q_complement = bases.right.complement
         self.register_buffer("right", bases.right.vectors.to(device=device, dtype=torch.float32), persistent=False)
+        shrink_vectors = bases.right.shrink_vectors if bases.right.shrink_vectors is not None else torch.zeros(0, 0)
+        shrink = bases.right.shrink if bases.right.shrink is not None else torch.zeros(0)
+        self.register_buffer("shrink_vectors", shrink_vectors.to(device=device, dtype=torch.float32), persistent=False)
+        self.register_buffer("shrink", shrink.to(device=device, dtype=torch.float32), persistent=False)
         for key in ("u1", "u_c", "v_c"):
             tensor = getattr(bases, key).to(device=device, dtype=torch.float32)
             self.register_buffer(key, tensor, persistent=False)
@@ -81,6 +85,8 @@ class ForaLinear(nn.Module):
     @property
     def projector(self) -> RightProjector:
         """``X -> X P_Q`` over this layer's (shared) basis."""
+        if self.shrink.numel():
+            return RightProjector(self.right, self.q_complement, self.shrink_vectors, self.shrink)
         return RightProjector(self.right, self.q_complement)
 
     @property

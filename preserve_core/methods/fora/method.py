@@ -76,6 +76,12 @@ class ForaOptions(MethodOptions):
         description="dtype of the eigensolver for Q (float32: half the set-up transient memory and time; measured "
         "at the Qwen3-1.7B width: same k, captured energy equal to 1e-6).",
     )
+    residual_shrink: float = Field(
+        0.0, ge=0, le=1e12,
+        description="Ours (0: off, the spec): shrink how far A can read each unprotected eigendirection v_i of C_p "
+        "to (1 + residual_shrink * lambda_i / mean lambda)^(-1/2) of its length, so one step's preserve output "
+        "change along any direction is at most mean lambda / residual_shrink (bases.residual_shrink).",
+    )  # fmt: skip
     refresh_every: int = Field(
         0, ge=0, le=10**9,
         description="form: full: re-estimate C_p on the current model and recompute Q every this many steps "
@@ -111,6 +117,9 @@ class ForaOptions(MethodOptions):
 
     @model_validator(mode="after")
     def _refresh_needs_full_form(self):
+        if self.residual_shrink and (self.source != "activation" or self.refresh_every):
+            raise ValueError("residual_shrink reads the eigenvalues of C_p: it needs source: activation and a fixed Q "
+                             "(refresh_every: 0)")  # fmt: skip
         if self.refresh_every and (self.form != "full" or self.source != "activation"):
             raise ValueError("refresh_every re-estimates Q from activations for form: full, source: activation only "
                              "(in the LoRA form A' would jump with Q); set those or refresh_every: 0")
@@ -293,7 +302,7 @@ class Fora(Method):
         if getattr(self, "_digest", None) is None:
             digest, seen = hashlib.sha256(), set()
             for name, layer in self.layers.items():
-                for key in BASES:
+                for key in BASES + (("shrink_vectors", "shrink") if layer.shrink.numel() else ()):
                     tensor = getattr(layer, key)
                     digest.update(f"{name}.{key}:{tuple(tensor.shape)}:{layer.q_complement}".encode())
                     if id(tensor) not in seen:
