@@ -22,6 +22,8 @@ MATRIX = [
     {"name": "lora", "r": 2, "alpha": 4},
     {"name": "fora", "form": "lora", "r": 2, "alpha": 4, "u_rank": 2, "spectral_size": 2},
     {"name": "fora", "form": "lora", "r": 2, "alpha": 4, "residual_shrink": 100.0},
+    {"name": "fora", "form": "full", "residual_shrink": 100.0},
+    {"name": "folora", "r": 2, "alpha": 4, "step": "shrink"},
     {"name": "fora", "form": "full", "u_rank": 2},
     {"name": "fora", "form": "full", "regularizers": [{"name": "kl", "strength": 1.0}]},
     {"name": "fora", "form": "lora", "r": 2, "alpha": 4, "regularizers": [{"name": "leak", "strength": 1000.0}]},

@@ -146,9 +146,9 @@ class Folora(Method):
             return basis, default_init_std(float(c_p.shape[0]), c_p.shape[0], keep)
         return basis, default_init_std(float(torch.trace(c_p)), c_p.shape[0], keep)
 
-    def _step_scale(self, vectors: torch.Tensor, key: str) -> torch.Tensor:
+    def _step_scale(self, vectors: torch.Tensor, key: str | None = None) -> torch.Tensor:
         """Per column of ``V_K`` [n, K] of input ``key``: ``1 / |v_i|`` (``step: euclidean``), that times
-        :meth:`_shrink` (``step: shrink``), else ones; float32 [K]."""
+        :meth:`_shrink` (``step: shrink``, which reads ``key``'s ``C_p``), else ones; float32 [K]."""
         if self.options.step == "penalty":
             return torch.ones(vectors.shape[1], device=vectors.device)
         norms = vectors.double().norm(dim=0).clamp_min(1e-30)
