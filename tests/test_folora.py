@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import rewind_to_previous_checkpoint
 from peft import PeftModel
@@ -216,7 +217,7 @@ def test_refresh_with_unchanged_task_statistics_is_a_no_op(write_recipe, monkeyp
     plain = run(folora_recipe(write_recipe, "plain", training=common))
     refreshed_keys = []
 
-    def refresh_from_calibration(self, optimizer):
+    def refresh_from_calibration(self, optimizer, model=None):
         for key in self.names_by_key:
             self.rebase(key, self.ctx.calibration.cov_by_key("task", key), optimizer)
             refreshed_keys.append(key)
@@ -236,7 +237,7 @@ def test_refresh_keeps_the_adapter_and_rotates_moments(write_recipe, monkeypatch
     and moves the first moment exactly: ``m_new V_new^T = m_old V_old^T`` (both the gradient in A-space)."""
     checked = []
 
-    def refresh_to_other(self, optimizer):
+    def refresh_to_other(self, optimizer, model=None):
         for key, names in self.names_by_key.items():
             wrapper = self.wrappers[names[0]]
             a_before, basis_before = wrapper.lora_A().detach().clone(), wrapper.basis.clone()
@@ -256,6 +257,78 @@ def test_refresh_keeps_the_adapter_and_rotates_moments(write_recipe, monkeypatch
     monkeypatch.setattr(Folora, "refresh", refresh_to_other)
     result = run(folora_recipe(write_recipe, "other", {"refresh_every": 2}, training={"max_steps": 4, "lr": 2e-2}))
     assert checked and all(torch.isfinite(torch.tensor([m["loss"] for m in result.metrics if "loss" in m])))
+
+
+def test_refresh_preserve_rebases_on_c_p_measured_by_hand_on_the_model_being_trained(write_recipe, monkeypatch):
+    """refresh_preserve: at the step-2 refresh, the C_p handed to ``rebase`` equals x^T x / N over the layer
+    inputs of the first 4 calibration preserve sequences run through the model as it is then (float64, by
+    hook), the new V solves ``C_t v = lambda (C_p + eps I) v`` for that C_p (scipy), and ``A = A~ V^T`` is
+    unchanged (K = n). The same measurement with the adapter off differs by more than the tolerance.""" 
+    import numpy as np
+    import scipy.linalg
+
+    from preserve_core.calibration.batches import preserve_batches
+
+    seen, original_refresh, original_rebase = {}, Folora.refresh, Folora.rebase
+
+    def by_hand(method, model):
+        tokenizer, cal = method.ctx.tokenizer, method.ctx.calibration
+        batches = preserve_batches(cal.preserve_sequences(tokenizer, 32)[:4], tokenizer, 32, 8)
+        first = {key: names[0] for key, names in method.names_by_key.items()}
+        inputs, mask = {key: [] for key in first}, {}
+        hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, k=k: inputs[k].append(a[0][mask["m"]]))
+                 for k, n in first.items()]  # fmt: skip
+        was_open, method.window_open = method.window_open, False
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                mask["m"] = batch["attention_mask"].bool()
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        model.train()
+        method.window_open = was_open
+        for h in hooks:
+            h.remove()
+        return {k: (lambda x: x.T @ x / x.shape[0])(torch.cat(v).double()) for k, v in inputs.items()}
+
+    def refresh(self, optimizer, model=None):
+        seen["hand"] = by_hand(self, model)
+        with model.disable_adapter():
+            seen["base"] = by_hand(self, model)
+        seen["a"] = {n: w.lora_A().detach().clone() for n, w in self.wrappers.items()}
+        seen["rebased"], seen["method"] = {}, self
+        original_refresh(self, optimizer, model)
+        for name, w in self.wrappers.items():  # K = n: the rebase moved no update
+            torch.testing.assert_close(w.lora_A(), seen["a"][name], atol=1e-5, rtol=1e-4)
+
+    def rebase(self, key, c_t, optimizer, c_p=None):
+        seen["rebased"][key] = (c_t.double().cpu(), None if c_p is None else c_p.double().cpu())
+        original_rebase(self, key, c_t, optimizer, c_p)
+
+    monkeypatch.setattr(Folora, "refresh", refresh)
+    monkeypatch.setattr(Folora, "rebase", rebase)
+    method = {"refresh_every": 2, "refresh_window": 1, "refresh_preserve": True, "refresh_samples": 4, "damping": 1e-2}
+    run(folora_recipe(write_recipe, "refresh-preserve", method, training={"max_steps": 3, "lr": 2e-2}))
+    folora = seen["method"]
+    assert set(seen["rebased"]) == set(folora.names_by_key)
+    for key, (c_t, c_p) in seen["rebased"].items():
+        hand = seen["hand"][key]
+        torch.testing.assert_close(c_p, hand, atol=1e-5, rtol=1e-4)
+        if "layers.0.self_attn" not in key:  # past the embeddings the adapter-off measurement would fail
+            assert (seen["base"][key] - hand).abs().max() > 10 * (1e-5 + 1e-4 * hand.abs().max()), key
+        m = damped_preserve(hand, 1e-2).numpy()
+        lam, vecs = scipy.linalg.eigh(((c_t + c_t.T) / 2).numpy(), m)
+        v = folora.wrappers[folora.names_by_key[key][0]].basis.double()
+        torch.testing.assert_close(v.T @ torch.from_numpy(m) @ v, torch.eye(v.shape[1], dtype=torch.float64),
+                                   atol=1e-4, rtol=0)  # fmt: skip
+        torch.testing.assert_close(folora.values[key].double().cpu(), torch.from_numpy(np.ascontiguousarray(lam[::-1])),
+                                   atol=1e-6, rtol=1e-4)  # fmt: skip
+def test_refresh_preserve_needs_refresh_every_and_not_the_shrink_step(write_recipe):
+    from preserve_core.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="refresh_preserve re-measures C_p at each refresh: set refresh_every"):
+        load_recipe(folora_recipe(write_recipe, "no-every", {"refresh_preserve": True}))
+    with pytest.raises(RecipeError, match="step: shrink reads the calibration's C_p"):
+        load_recipe(folora_recipe(write_recipe, "shrink", {"refresh_preserve": True, "refresh_every": 2, "step": "shrink"}))
 
 
 def test_refresh_window_matches_calibration_statistics(write_recipe):
@@ -296,7 +369,7 @@ def test_refresh_window_with_gradient_checkpointing(write_recipe, monkeypatch):
     tokens = []
     original = Folora.refresh
 
-    def counting_refresh(self, optimizer):
+    def counting_refresh(self, optimizer, model=None):
         tokens.append({k: float(c) for k, c in self.window.counts.items()})
         assert all(w.last_input is None for w in self.wrappers.values())  # right after a backward
         original(self, optimizer)

@@ -80,7 +80,7 @@ def test_set_gates_gives_every_layer_of_an_input_its_gate_times_the_step_scale()
 def test_after_step_refreshes_on_multiples_of_refresh_every_before_the_last_step():
     method = folora(max_steps=8, refresh_every=3, refresh_window=2)
     refreshed, gated = [], []
-    method.refresh = lambda optimizer: refreshed.append((method.step, optimizer))
+    method.refresh = lambda optimizer, model=None: refreshed.append((method.step, optimizer))
     method._set_gates = lambda optimizer: gated.append((method.step, optimizer))
     optimizer = GatedAdamW([nn.Parameter(torch.zeros(1))], lr=0.1)
     windows = {}
@@ -92,7 +92,7 @@ def test_after_step_refreshes_on_multiples_of_refresh_every_before_the_last_step
     assert gated == [(s, wrapped) for s in range(1, 9)] and method.step == 8
     assert [s for s, w in windows.items() if w] == [1, 2, 4, 5, 7, 8]  # the next step s + 1 is in a window: 2-3, 5-6, 8-9
     never = folora(max_steps=6, refresh_every=3)
-    never.refresh = lambda optimizer: refreshed.append(("never", optimizer))
+    never.refresh = lambda optimizer, model=None: refreshed.append(("never", optimizer))
     never._set_gates = lambda optimizer: None
     never.after_step(None, optimizer, 6)  # the last step: nothing after it to refresh for
     assert refreshed[-1][0] == 6 and len(refreshed) == 2

@@ -218,7 +218,7 @@ class _Calibration:
 def bare_folora(mix: float, task_covs: dict, calibration_task: dict) -> tuple[Folora, list]:
     """A Folora with only what ``refresh`` reads; ``rebase`` records ``(key, C_t)``."""
     method = Folora.__new__(Folora)
-    method.options = SimpleNamespace(refresh_mix=mix)
+    method.options = SimpleNamespace(refresh_mix=mix, refresh_preserve=False)
     method.ctx = SimpleNamespace(calibration=_Calibration(calibration_task))
     method.task_covs, method.refresh_seconds = dict(task_covs), []
     method.window = TaskWindow("all")

@@ -39,6 +39,11 @@ class FoloraLinear(nn.Module):
         """The frozen base weight ``W`` [m, n] (code that reads ``module.weight`` keeps working)."""
         return self.base_layer.weight
 
+    @property
+    def in_features(self) -> int:
+        """``n`` (what measuring this layer's input statistics on the wrapped model reads)."""
+        return self.base_layer.in_features
+
     def lora_A(self) -> torch.Tensor:
         """``A = A~ V_K^T``, float32 [r, n]."""
         return self.lora_A_tilde @ self.basis.T

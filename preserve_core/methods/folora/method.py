@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..adapter_export import save_lora_factors_as_peft
@@ -89,7 +89,25 @@ class FoloraOptions(MethodOptions):
         0.5, gt=0, le=1, description="New C_t = mix * C_window + (1 - mix) * previous C_t (at first: calibration C_t)."
     )
 
+    refresh_preserve: bool = Field(
+        False,
+        description="With refresh_every (ours): at each refresh also re-measure C_p on the model being trained (its "
+        "activations of the first refresh_samples calibration preserve sequences), so V and lambda follow where the "
+        "preserve inputs have moved; C_t is the window's estimate where there is one, else the last one.",
+    )
+    refresh_samples: int = Field(
+        64, gt=0, le=10**7, description="refresh_preserve: calibration preserve sequences each refresh runs through."
+    )
+
     _check_keep = field_validator("keep", "hard_k")(_count_or_fraction)
+
+    @model_validator(mode="after")
+    def _refresh_preserve_needs_refresh_every(self):
+        if self.refresh_preserve and not self.refresh_every:
+            raise ValueError("refresh_preserve re-measures C_p at each refresh: set refresh_every > 0 (or remove it)")
+        if self.refresh_preserve and self.step == "shrink":
+            raise ValueError("step: shrink reads the calibration's C_p, refresh_preserve replaces it: use one of them")
+        return self
 
 
 class Folora(Method):
@@ -213,7 +231,7 @@ class Folora(Method):
         self.step = step
         every = self.options.refresh_every
         if every and step % every == 0 and step < self.ctx.recipe.training.max_steps:
-            self.refresh(unwrap_optimizer(optimizer))
+            self.refresh(unwrap_optimizer(optimizer), model)
         self._set_gates(optimizer)
         self._set_recording()
 
@@ -226,9 +244,11 @@ class Folora(Method):
             w.record_inputs = self.window_open
 
     # -- refresh --------------------------------------------------------------------------------
-    def refresh(self, optimizer: GatedAdamW) -> None:
-        """Re-estimate ``C_t`` from the window, recompute ``V``/``lambda``, move ``A~`` and Adam moments."""
+    def refresh(self, optimizer: GatedAdamW, model: nn.Module | None = None) -> None:
+        """Re-estimate ``C_t`` from the window (and with ``refresh_preserve`` ``C_p`` on ``model`` as it is
+        now), recompute ``V``/``lambda``, move ``A~`` and Adam moments."""
         start = time.perf_counter()
+        task = {}
         for key, c_window in self.window.pop_estimates():
             previous = self.task_covs.get(key)
             if previous is None and self.options.refresh_mix < 1:
@@ -236,13 +256,50 @@ class Folora(Method):
             c_t = mix_estimate(c_window, previous, self.options.refresh_mix)
             if self.options.refresh_mix < 1:
                 self.task_covs[key] = c_t
+            task[key] = c_t
+        if self.options.refresh_preserve and model is not None:
+            for key, c_p in self.current_preserve_covs(model):
+                c_t = task.pop(key, None)
+                if c_t is None:
+                    c_t = self.task_covs.get(key, self.ctx.calibration.cov_by_key("task", key))
+                self.rebase(key, c_t, optimizer, c_p)
+        for key, c_t in task.items():
             self.rebase(key, c_t, optimizer)
         self.refresh_seconds.append(time.perf_counter() - start)
 
+    def current_preserve_covs(self, model: nn.Module):
+        """``(key, C_p [n, n])`` of every input, measured on ``model`` now (eval mode, no grad, no window
+        recording) over the first ``refresh_samples`` calibration preserve sequences; one group of inputs
+        at a time within ``calibration.stats_memory_gb``, each matrix yielded and dropped before the next."""
+        from ...calibration.stats import input_stats_passes, stats_budget_bytes
+        from ..fora.refresh import refresh_batches
+
+        recipe = self.ctx.recipe
+        batches = refresh_batches(self.ctx.calibration, self.ctx.tokenizer, recipe.data.max_length,
+                                  self.options.refresh_samples, recipe.calibration.stats_batch_size)  # fmt: skip
+        budget = stats_budget_bytes(recipe.calibration.stats_memory_gb, self.ctx.device)
+        names = [names[0] for names in self.names_by_key.values()]
+        was_training, window_open = model.training, self.window_open
+        model.eval()
+        self.window_open = False
+        try:
+            with torch.no_grad():
+                for stats in input_stats_passes(model, names, batches, positions="all", budget_bytes=budget):
+                    by_stats_key = {stats.layout.module_to_key[n]: self.ctx.calibration.input_key(n) for n in names}
+                    for stats_key in list(stats.sums):
+                        yield by_stats_key[stats_key], stats.pop_cov(stats_key).to(self.ctx.device)
+        finally:
+            model.train(was_training)
+            self.window_open = window_open
+            for w in self.wrappers.values():
+                w.last_input, w.record_inputs = None, False
+
     @torch.no_grad()
-    def rebase(self, key: str, c_t: torch.Tensor, optimizer: GatedAdamW) -> None:
-        """New coordinates for input ``key`` from ``c_t``: ``A~ <- A~ T``, moments likewise, ``V <- V_new``."""
-        c_p = self.ctx.calibration.cov_by_key("preserve", key).to(self.ctx.device)
+    def rebase(self, key: str, c_t: torch.Tensor, optimizer: GatedAdamW, c_p: torch.Tensor | None = None) -> None:
+        """New coordinates for input ``key`` from ``c_t`` (and ``c_p``, else the calibration's): ``A~ <- A~ T``,
+        moments likewise, ``V <- V_new``; ``T = V_old^T M_new V_new`` is exact for ``K = n``."""
+        if c_p is None:
+            c_p = self.ctx.calibration.cov_by_key("preserve", key).to(self.ctx.device)
         basis, _ = self._solve(key, c_t, c_p)
         names = self.names_by_key[key]
         t = transition(self.wrappers[names[0]].basis, basis.vectors, damped_preserve(c_p, self.options.damping))
