@@ -331,6 +331,24 @@ def test_refresh_preserve_needs_refresh_every_and_not_the_shrink_step(write_reci
         load_recipe(folora_recipe(write_recipe, "shrink", {"refresh_preserve": True, "refresh_every": 2, "step": "shrink"}))
 
 
+def test_a_damping_too_small_for_float64_is_a_clear_error():
+    """A rank-1 C_p (x x^T, x = (1, 1)): at damping 1e-300 eps = 1e-300 vanishes next to 1 in float64, so
+    C_p + eps I is singular and its Cholesky factor fails; the error names the input, the damping and the fix."""
+    from types import SimpleNamespace
+
+    from preserve_core.errors import PPFTError
+
+    method = Folora.__new__(Folora)
+    method.options = SimpleNamespace(keep=None, damping=1e-300, step="penalty")
+    method.ctx = SimpleNamespace(device=torch.device("cpu"))
+    singular, task = torch.ones(2, 2), torch.eye(2)
+    with pytest.raises(PPFTError, match=r"C_p \+ eps I of input layer.q \(width 2\) is not positive definite .*"
+                                        r"damping 1e-300 .* Raise method.damping"):  # fmt: skip
+        method._solve("layer.q", task, singular)
+    method.options.damping = 1e-4  # eps = 1e-4: the same matrices solve
+    assert method._solve("layer.q", task, singular)[0].vectors.shape == (2, 2)
+
+
 def test_refresh_window_matches_calibration_statistics(write_recipe):
     """The window's C_t estimate over training batches equals collect_input_stats on the same batches."""
     from preserve_core.calibration import collect_input_stats

@@ -17,6 +17,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from ...errors import PPFTError
 from ..adapter_export import save_lora_factors_as_peft
 from ..base import PRESERVE_STATS, TASK_STATS, Method, MethodOptions
 from .basis import (
@@ -159,7 +160,14 @@ class Folora(Method):
         if c_p is None:
             c_p = self.ctx.calibration.cov_by_key("preserve", key).to(self.ctx.device)
         keep = resolve_keep(self.options.keep, c_p.shape[0])
-        basis = generalized_basis(c_t.to(self.ctx.device), c_p, self.options.damping, keep)
+        try:
+            basis = generalized_basis(c_t.to(self.ctx.device), c_p, self.options.damping, keep)
+        except torch.linalg.LinAlgError as error:
+            raise PPFTError(
+                f"folora: C_p + eps I of input {key} (width {c_p.shape[0]}) is not positive definite in float64 at "
+                f"method.damping {self.options.damping:g} ({error}). Raise method.damping (the spec's 1e-4; the lab "
+                "uses 1e-3 to 1e-1) or calibrate on more preserve tokens."
+            ) from None
         if self.options.step != "penalty":  # |a~_i v_i| ~ N(0, 1/(3K)): a row of A has PEFT's norm^2 1/3
             return basis, default_init_std(float(c_p.shape[0]), c_p.shape[0], keep)
         return basis, default_init_std(float(torch.trace(c_p)), c_p.shape[0], keep)
