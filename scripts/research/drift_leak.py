@@ -4,6 +4,7 @@ model (adapter off: what FORA's ``Q`` was measured on) and in the tuned model (a
 layer actually reads once the layers before it have changed), each relative to ``|W_0 x_base|^2``.
 Usage: python drift_leak.py RECIPE_RESOLVED_YAML RUN_FINAL_DIR [N_SEQUENCES]
 """
+import contextlib
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -28,25 +29,20 @@ layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules
 
 
 def sums(adapter_on: bool) -> tuple[dict, dict]:
-    change, base_out = defaultdict(float), defaultdict(float)
-    hooks = []
-    for name, m in layers.items():
-        def hook(mod, args, name=name):
-            x = args[0][mask]
-            d = mod.lora_B["default"](mod.lora_A["default"](x)) * mod.scaling["default"]
-            change[name] += float((d.double() ** 2).sum())
-            base_out[name] += float((mod.base_layer(x).double() ** 2).sum())
-        hooks.append(m.register_forward_pre_hook(hook))
-    ctx = torch.no_grad()
-    with ctx:
+    """Per layer: sum over real preserve tokens of |dW x|^2 and of |W_0 x|^2, x as the layer sees it."""
+    change, base_out, mask = defaultdict(float), defaultdict(float), {}
+
+    def hook(mod, args, name):
+        x = args[0][mask["now"]]
+        d = mod.lora_B["default"](mod.lora_A["default"](x)) * mod.scaling["default"]
+        change[name] += float((d.double() ** 2).sum())
+        base_out[name] += float((mod.base_layer(x).double() ** 2).sum())
+
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in layers.items()]
+    with torch.no_grad(), (contextlib.nullcontext() if adapter_on else model.disable_adapter()):
         for b in batches:
-            global mask
-            mask = b["attention_mask"].bool()
-            if adapter_on:
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-            else:
-                with model.disable_adapter():
-                    model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            mask["now"] = b["attention_mask"].bool()
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
     for h in hooks:
         h.remove()
     return change, base_out
