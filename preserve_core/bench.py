@@ -54,15 +54,21 @@ def default_label(method: dict) -> str:
     return "+".join([str(method.get("name", "?")), *(str(r.get("name", "?")) for r in regs if isinstance(r, dict))])
 
 
+def row_label(entry) -> str:
+    """A ``bench.methods`` row's label: its own, else :func:`default_label` of its method."""
+    return entry.label or default_label(entry.method)
+
+
 def plan_cells(recipe: Recipe) -> list[Cell]:
     bench = recipe.bench
     if not bench.methods or not bench.tasks:
         raise RecipeError("bench: list at least one entry in bench.methods and bench.tasks (see docs/results.md)")
-    labels = [m.label or default_label(m.method) for m in bench.methods]
+    labels = [row_label(m) for m in bench.methods]
     if len(set(labels)) != len(labels):
         raise RecipeError(f"bench.methods: labels must be unique, got {labels}; set label: on repeated methods")
     return [
-        Cell(task.name, label, lr, seed, json.dumps(entry.method, sort_keys=True), json.dumps(entry.training.settings(), sort_keys=True))
+        Cell(task.name, label, lr, seed, json.dumps(entry.method, sort_keys=True),
+             json.dumps(entry.training.settings(), sort_keys=True))
         for task in bench.tasks
         for entry, label in zip(bench.methods, labels)
         for lr in entry.lrs
@@ -178,7 +184,7 @@ class BenchRunner:
         r = self.recipe
         settings = {"steps": r.training.max_steps, "batch_size": r.training.batch_size, "seeds": r.bench.seeds,
                     "model": r.model.name_or_path, "held_out": [t.name for t in r.bench.tasks if t.held_out]}  # fmt: skip
-        own = {m.label or default_label(m.method): row for m in r.bench.methods if (row := m.training.settings())}
+        own = {row_label(m): row for m in r.bench.methods if (row := m.training.settings())}
         if own:
             settings["row_training"] = own  # rows whose training settings differ from the recipe's
         rows = write_results(self.out, cells, self.base_scores(), [t.name for t in r.eval.preserve], settings)
