@@ -139,12 +139,14 @@ class Folora(Method):
         for name in self.ctx.target_modules:
             key = self.ctx.calibration.input_key(name)
             if key not in solved:
-                basis, init_std = self._solve(key, self.ctx.calibration.cov_by_key("task", key))
+                c_p = self.ctx.calibration.cov_by_key("preserve", key).to(self.ctx.device)
+                basis, init_std = self._solve(key, self.ctx.calibration.cov_by_key("task", key), c_p)
                 vectors = basis.vectors.to(device=self.ctx.device, dtype=torch.float32).contiguous()
                 solved[key] = Basis(vectors, basis.values), init_std
                 del basis  # the float64 solution: only the float32 copy lives on
                 self.values[key] = solved[key][0].values
-                self.step_scales[key] = self._step_scale(vectors, key)
+                self.step_scales[key] = self._step_scale(vectors, c_p)
+                del c_p
             self.names_by_key.setdefault(key, []).append(name)
             basis, init_std = solved[key]
             self.wrappers[name] = install(model, name, lambda lin: self._wrap(lin, basis, init_std, key))
@@ -172,20 +174,20 @@ class Folora(Method):
             return basis, default_init_std(float(c_p.shape[0]), c_p.shape[0], keep)
         return basis, default_init_std(float(torch.trace(c_p)), c_p.shape[0], keep)
 
-    def _step_scale(self, vectors: torch.Tensor, key: str | None = None) -> torch.Tensor:
-        """Per column of ``V_K`` [n, K] of input ``key``: ``1 / |v_i|`` (``step: euclidean``), that times
-        :meth:`_shrink` (``step: shrink``, which reads ``key``'s ``C_p``), else ones; float32 [K]."""
+    def _step_scale(self, vectors: torch.Tensor, c_p: torch.Tensor | None = None) -> torch.Tensor:
+        """Per column of ``V_K`` [n, K]: ``1 / |v_i|`` (``step: euclidean``), that times :meth:`_shrink`
+        (``step: shrink``, which reads the input's ``C_p`` [n, n]), else ones; float32 [K]."""
         if self.options.step == "penalty":
             return torch.ones(vectors.shape[1], device=vectors.device)
         norms = vectors.double().norm(dim=0).clamp_min(1e-30)
         if self.options.step == "euclidean":
             return (1.0 / norms).float()
-        return (self._shrink(vectors, norms, key) / norms).float()
+        return (self._shrink(vectors, norms, c_p) / norms).float()
 
-    def _shrink(self, vectors: torch.Tensor, norms: torch.Tensor, key: str) -> torch.Tensor:
+    def _shrink(self, vectors: torch.Tensor, norms: torch.Tensor, c_p: torch.Tensor) -> torch.Tensor:
         """``(1 + strength * u_i^T C_p u_i / mean eigenvalue of C_p)^(-1/2)`` with ``u_i = v_i / |v_i|``, float64 [K]:
         one Adam step's preserve output change along ``u_i`` is at most ``mean / strength`` (FORA's residual_shrink)."""
-        c_p = self.ctx.calibration.cov_by_key("preserve", key).to(vectors.device).double()
+        c_p = c_p.to(vectors.device).double()
         units = vectors.double() / norms
         energy = ((c_p @ units) * units).sum(0).clamp_min(0)
         mean = float(torch.trace(c_p)) / c_p.shape[0]
@@ -319,7 +321,7 @@ class Folora(Method):
             if w.basis.data_ptr() != self.wrappers[names[0]].basis.data_ptr() or name == names[0]:
                 w.basis.copy_(basis.vectors)  # the layers of one input share one tensor: copied once
         self.values[key] = basis.values
-        self.step_scales[key] = self._step_scale(basis.vectors, key)
+        self.step_scales[key] = self._step_scale(basis.vectors, c_p)
         self.rebased.add(key)
 
     # -- the weight change (l2sp / ewc regularisers) --------------------------------------------
@@ -357,7 +359,9 @@ class Folora(Method):
                 for name in names:
                     self.wrappers[name].basis.copy_(state[f"basis/{key}"])
             self.values[key] = state[f"values/{key}"].to(self.ctx.device)
-            self.step_scales[key] = self._step_scale(self.wrappers[names[0]].basis, key)
+            shrink = self.options.step == "shrink"  # the only step that reads C_p
+            c_p = self.ctx.calibration.cov_by_key("preserve", key) if shrink else None
+            self.step_scales[key] = self._step_scale(self.wrappers[names[0]].basis, c_p)
             self.gammas[key] = float(state[f"gamma/{key}"])
         self.task_covs = {k.partition("/")[2]: v for k, v in state.items() if k.startswith("task_cov/")}
         self.window.load_state_dict({k: v for k, v in state.items() if k.startswith("window_")}, self.ctx.device)
