@@ -348,15 +348,17 @@ def test_fora_refresh_holds_one_covariance_at_a_time_and_a_budget_changes_nothin
     monkeypatch.setattr(refresh, "input_projector", watched)
     one_pass = refresh.current_projectors(model, names, batches, options, CPU)
     assert alive == [0, 0, 0]  # three distinct inputs, none of the earlier matrices alive at the next solve
+    from preserve_core.calibration import stats
+
     passes = []
-    real_passes = refresh.input_stats_passes
+    real_passes = stats.input_stats_passes
 
     def counted(*args, **kwargs):
         for part in real_passes(*args, **kwargs):
             passes.append(sorted(part.sums))
             yield part
 
-    monkeypatch.setattr(refresh, "input_stats_passes", counted)
+    monkeypatch.setattr(stats, "input_stats_passes", counted)
     split = refresh.current_projectors(model, names, batches, options, CPU, budget_bytes=1)
     assert len(passes) == 3 and all(len(keys) == 1 for keys in passes)
     for name in names:

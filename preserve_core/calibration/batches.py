@@ -36,6 +36,13 @@ def preserve_batches(sequences: list[list[int]], tokenizer, max_length: int, bat
     return _batched(features, batch_size, pad_id(tokenizer))
 
 
+def refresh_batches(calibration, tokenizer, max_length: int, samples: int, batch_size: int) -> list[dict]:
+    """The first ``samples`` calibration preserve sequences, right-padded into batches (fixed per run): what a
+    refresh measures the current model's ``C_p`` on (FORA's ``refresh_every``, FoLoRA's ``refresh_preserve``)."""
+    sequences = calibration.preserve_sequences(tokenizer, max_length)[:samples]
+    return preserve_batches(sequences, tokenizer, max_length, batch_size)
+
+
 def task_batches(recipe, tokenizer) -> tuple[list[dict[str, torch.Tensor]], int]:
     """The first ``calibration.max_task_examples`` training examples, tokenized exactly as for
     training (``preserve_core.data``: labels -100 outside the loss), in batches; and their count."""

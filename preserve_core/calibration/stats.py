@@ -233,6 +233,25 @@ def accumulate_input_stats(
 AUTO_BUDGET_FRACTION = 0.75  # of the free device memory; the rest is left to the forward's activations
 
 
+def current_covs(
+    model: nn.Module, module_names: list[str], batches: list[dict], device, budget_bytes: int | None = None
+) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """``(the modules reading one input, its C [n, n] on device)`` over every real token of ``batches``,
+    measured on ``model`` as it is now (eval mode, no grad; its mode restored at the end), one input at a
+    time in the passes of :func:`input_stats_passes` (``budget_bytes``): each matrix is handed over before
+    the next is built, so the caller holds one ``[n, n]`` at a time if it drops each before asking again."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for stats in input_stats_passes(model, module_names, batches, positions="all", budget_bytes=budget_bytes):
+                for key in list(stats.sums):
+                    readers = [n for n in module_names if stats.layout.module_to_key[n] == key]
+                    yield readers, stats.pop_cov(key).to(device)
+    finally:
+        model.train(was_training)
+
+
 def stats_budget_bytes(memory_gb: float | None, device: torch.device, dist: Dist | None = None) -> int | None:
     """The bytes the statistics' sums may hold at once: ``memory_gb`` (1e9 bytes each) when given; else,
     on CUDA, ``AUTO_BUDGET_FRACTION`` of the free device memory (the least over ranks, so all ranks plan

@@ -17,6 +17,8 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from ...calibration.batches import refresh_batches
+from ...calibration.stats import current_covs, stats_budget_bytes
 from ...errors import PPFTError
 from ..adapter_export import save_lora_factors_as_peft
 from ..base import PRESERVE_STATS, TASK_STATS, Method, MethodOptions
@@ -278,28 +280,19 @@ class Folora(Method):
         self.refresh_seconds.append(time.perf_counter() - start)
 
     def current_preserve_covs(self, model: nn.Module):
-        """``(key, C_p [n, n])`` of every input, measured on ``model`` now (eval mode, no grad, no window
-        recording) over the first ``refresh_samples`` calibration preserve sequences; one group of inputs
-        at a time within ``calibration.stats_memory_gb``, each matrix yielded and dropped before the next."""
-        from ...calibration.stats import input_stats_passes, stats_budget_bytes
-        from ..fora.refresh import refresh_batches
-
+        """``(key, C_p [n, n])`` of every input, measured on ``model`` now (:func:`...calibration.stats.current_covs`:
+        eval mode, no grad, one input at a time within ``calibration.stats_memory_gb``) over the first
+        ``refresh_samples`` calibration preserve sequences, with the refresh window closed meanwhile."""
         recipe = self.ctx.recipe
         batches = refresh_batches(self.ctx.calibration, self.ctx.tokenizer, recipe.data.max_length,
                                   self.options.refresh_samples, recipe.calibration.stats_batch_size)  # fmt: skip
         budget = stats_budget_bytes(recipe.calibration.stats_memory_gb, self.ctx.device)
         names = [names[0] for names in self.names_by_key.values()]
-        was_training, window_open = model.training, self.window_open
-        model.eval()
-        self.window_open = False
+        window_open, self.window_open = self.window_open, False
         try:
-            with torch.no_grad():
-                for stats in input_stats_passes(model, names, batches, positions="all", budget_bytes=budget):
-                    by_stats_key = {stats.layout.module_to_key[n]: self.ctx.calibration.input_key(n) for n in names}
-                    for stats_key in list(stats.sums):
-                        yield by_stats_key[stats_key], stats.pop_cov(stats_key).to(self.ctx.device)
+            for readers, c_p in current_covs(model, names, batches, self.ctx.device, budget):
+                yield self.ctx.calibration.input_key(readers[0]), c_p
         finally:
-            model.train(was_training)
             self.window_open = window_open
             for w in self.wrappers.values():
                 w.last_input, w.record_inputs = None, False

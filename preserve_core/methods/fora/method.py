@@ -17,6 +17,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ...calibration.batches import refresh_batches
 from ...calibration.stats import stats_budget_bytes
 from ...errors import PPFTError
 from ...progress import notice
@@ -26,7 +27,7 @@ from ..base import PRESERVE_STATS, Method, MethodOptions
 from .bases import RightProjector, compute_bases, input_projector, orthonormal_complement
 from .layer import ForaLinear
 from .optim import LOW_PRECISION, ProjectedAdamW
-from .refresh import current_projectors, refresh_batches
+from .refresh import current_projectors
 
 BASES = ("right", "u1", "u_c", "v_c")
 BASES_HASH = "bases_sha256"

@@ -14,11 +14,9 @@ distinct input.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ...calibration.batches import preserve_batches
-from ...calibration.stats import input_stats_passes
+from ...calibration.stats import current_covs
 from .bases import RightProjector, input_projector
 
 
@@ -32,23 +30,9 @@ def current_projectors(
     ``stats_memory_gb``: :func:`...calibration.stats.input_stats_passes`), and one full ``[n, n]`` ``C_p``
     at a time: each input's sum becomes its matrix, is solved and dropped before the next.
     """
-    was_training = model.training
-    model.eval()
     solved: dict[str, RightProjector] = {}
-    module_to_key: dict[str, str] = {}
-    try:
-        for stats in input_stats_passes(model, names, batches, positions="all", budget_bytes=budget_bytes):
-            module_to_key = stats.layout.module_to_key
-            for key in list(stats.sums):
-                cov = stats.pop_cov(key)
-                solved[key] = input_projector(cov.to(device), options)
-                del cov
-    finally:
-        model.train(was_training)
-    return {name: solved[module_to_key[name]] for name in names}
-
-
-def refresh_batches(calibration, tokenizer, max_length: int, samples: int, batch_size: int) -> list[dict]:
-    """The first ``samples`` calibration preserve sequences, right-padded into batches (fixed per run)."""
-    sequences = calibration.preserve_sequences(tokenizer, max_length)[:samples]
-    return preserve_batches(sequences, tokenizer, max_length, batch_size)
+    for readers, cov in current_covs(model, names, batches, device, budget_bytes):
+        projector = input_projector(cov, options)
+        del cov
+        solved.update(dict.fromkeys(readers, projector))
+    return {name: solved[name] for name in names}
