@@ -85,9 +85,7 @@ class ForaLinear(nn.Module):
     @property
     def projector(self) -> RightProjector:
         """``X -> X P_Q`` over this layer's (shared) basis."""
-        if self.shrink.numel():
-            return RightProjector(self.right, self.q_complement, self.shrink_vectors, self.shrink)
-        return RightProjector(self.right, self.q_complement)
+        return RightProjector(self.right, self.q_complement, self.shrink_vectors, self.shrink)  # empty: no shrink
 
     @property
     def q(self) -> torch.Tensor:
