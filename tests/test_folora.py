@@ -339,7 +339,7 @@ def test_a_damping_too_small_for_float64_is_a_clear_error():
     from preserve_core.errors import PPFTError
 
     method = Folora.__new__(Folora)
-    method.options = SimpleNamespace(keep=None, damping=1e-300, step="penalty")
+    method.options = SimpleNamespace(keep=None, damping=1e-300, step="penalty", task_shrinkage=0.0)
     method.ctx = SimpleNamespace(device=torch.device("cpu"))
     singular, task = torch.ones(2, 2), torch.eye(2)
     with pytest.raises(PPFTError, match=r"C_p \+ eps I of input layer.q \(width 2\) is not positive definite .*"
@@ -471,3 +471,39 @@ def test_shrink_step_shortens_each_columns_euclidean_step_by_its_preserve_energy
                                        rtol=2e-3, atol=1e-6)  # fmt: skip
     shrinks = torch.cat(shrinks)
     assert shrinks.max() > 2 * shrinks.min()  # the shrink differs between columns: a plain rescale would fail
+
+
+def test_task_shrinkage_by_hand():
+    """(1 - s) C_t + s (tr C_t / n) I: C_t = [[2, 1], [1, 4]] has tr/n = 3, so s = .5 gives [[2.5, .5], [.5, 3.5]]."""
+    from preserve_core.methods.folora.basis import shrunk_task
+
+    c_t = torch.tensor([[2.0, 1.0], [1.0, 4.0]])
+    expected = torch.tensor([[2.5, 0.5], [0.5, 3.5]], dtype=torch.float64)
+    torch.testing.assert_close(shrunk_task(c_t, 0.5), expected, atol=1e-15, rtol=0)
+    torch.testing.assert_close(shrunk_task(c_t, 0.0), c_t.double(), atol=0, rtol=0)
+
+
+def test_full_task_shrinkage_ranks_directions_by_least_preserve_energy():
+    """At s = 1 the solve reads C_t only through tr(C_t) / n = m: with C_p = R diag(p) R^T the solutions are
+    v_i = r_i / sqrt(p_i + eps) with lambda_i = m / (p_i + eps), the least preserve energy first, whatever C_t's
+    shape (here concentrated on the preserve directions, which s = 0 would rank first)."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(3)
+    rot = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+    p = torch.tensor([4.0, 1.0, 0.25, 0.0625], dtype=torch.float64)
+    c_p = rot @ torch.diag(p) @ rot.T
+    c_t = rot @ torch.diag(torch.tensor([9.0, 3.0, 0.1, 0.1], dtype=torch.float64)) @ rot.T  # m = 12.2 / 4
+    eps = 1e-2 * float(p.sum()) / 4
+    method = Folora.__new__(Folora)
+    method.options = SimpleNamespace(keep=None, damping=1e-2, step="penalty", task_shrinkage=1.0)
+    method.ctx = SimpleNamespace(device=torch.device("cpu"))
+    basis, _ = method._solve("layer.q", c_t, c_p)
+    order = [3, 2, 1, 0]  # least preserve energy first
+    torch.testing.assert_close(basis.values, 3.05 / (p[order] + eps), atol=1e-9, rtol=1e-9)
+    expected = rot[:, order] / (p[order] + eps).sqrt()
+    signs = torch.sign((basis.vectors * expected).sum(0))
+    torch.testing.assert_close(basis.vectors * signs, expected, atol=1e-9, rtol=1e-9)
+    method.options.task_shrinkage = 0.0  # the spec: the best ratio 3 / 1 (r_1, preserve energy 1) comes first
+    top = method._solve("layer.q", c_t, c_p)[0].vectors[:, 0]
+    assert abs(float(top @ rot[:, 1])) / float(top.norm()) > 0.99

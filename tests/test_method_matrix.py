@@ -25,6 +25,7 @@ MATRIX = [
     {"name": "fora", "form": "full", "residual_shrink": 100.0},
     {"name": "folora", "r": 2, "alpha": 4, "step": "shrink"},
     {"name": "folora", "r": 2, "alpha": 4, "refresh_every": 2, "refresh_preserve": True, "refresh_samples": 4},
+    {"name": "folora", "r": 2, "alpha": 4, "task_shrinkage": 0.5, "step": "euclidean", "gate": "hard"},
     {"name": "fora", "form": "full", "u_rank": 2},
     {"name": "fora", "form": "full", "regularizers": [{"name": "kl", "strength": 1.0}]},
     {"name": "fora", "form": "lora", "r": 2, "alpha": 4, "regularizers": [{"name": "leak", "strength": 1000.0}]},

@@ -35,6 +35,20 @@ def damped_preserve(c_p: torch.Tensor, damping: float) -> torch.Tensor:
     return (c + c.T) / 2 + eps * torch.eye(n, dtype=c.dtype, device=c.device)
 
 
+def shrunk_task(c_t: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """``(1 - s) C_t + s (tr(C_t) / n) I`` in float64 (``s = shrinkage``): ``C_t`` shrunk towards its mean eigenvalue.
+
+    At ``s = 1`` the quotient no longer reads the task: ``V`` are ``C_p``'s eigenvectors and the top ``lambda``
+    are the directions with the least preserve energy (FORA's complement, in FoLoRA's coordinates).
+    """
+    c = c_t.double()
+    if shrinkage == 0:
+        return c
+    n = c.shape[0]
+    eye = torch.eye(n, dtype=c.dtype, device=c.device)
+    return (1 - shrinkage) * c + shrinkage * (float(torch.trace(c)) / n) * eye
+
+
 def resolve_keep(keep: int | float | None, n: int) -> int:
     """Directions kept: all (None), a fraction of ``n`` when ``keep < 1`` (floored, at least 1), else a count.
 

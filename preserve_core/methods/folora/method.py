@@ -30,6 +30,7 @@ from .basis import (
     generalized_basis,
     quantile_at,
     resolve_keep,
+    shrunk_task,
     transition,
 )
 from .layer import FoloraLinear, attach_disable_adapter, default_init_std, install, plain_linears
@@ -50,6 +51,13 @@ class FoloraOptions(MethodOptions):
     alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is (alpha / r) B A.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
     damping: float = Field(1e-4, gt=0, description="eps = damping * tr(C_p) / n in C_t v = lambda (C_p + eps I) v.")
+    task_shrinkage: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Ours: solve with (1 - s) C_t + s (tr C_t / n) I, C_t shrunk towards its mean eigenvalue (0: the "
+        "spec; 1: V are C_p's eigenvectors, the top lambda the least preserve energy, FORA's complement).",
+    )
     keep: int | float | None = Field(
         None, description="Directions K per layer input: None all n; < 1 a fraction of n, >= 1 a count."
     )
@@ -165,7 +173,8 @@ class Folora(Method):
             c_p = self.ctx.calibration.cov_by_key("preserve", key).to(self.ctx.device)
         keep = resolve_keep(self.options.keep, c_p.shape[0])
         try:
-            basis = generalized_basis(c_t.to(self.ctx.device), c_p, self.options.damping, keep)
+            c_t = shrunk_task(c_t.to(self.ctx.device), self.options.task_shrinkage)
+            basis = generalized_basis(c_t, c_p, self.options.damping, keep)
         except torch.linalg.LinAlgError as error:
             raise PPFTError(
                 f"folora: C_p + eps I of input {key} (width {c_p.shape[0]}) is not positive definite in float64 at "
