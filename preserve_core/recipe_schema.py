@@ -173,7 +173,11 @@ class CalibrationConfig(StrictModel):
     max_repeat_fraction: float = Field(
         0.5, gt=0, le=1, description="Drop samples whose most frequent token exceeds this fraction (degenerate filter)."
     )
-    task_positions: Literal["loss", "all"] = Field("loss", description="Task statistics over loss-masked tokens or all.")
+    task_positions: Literal["loss", "all", "balanced"] = Field(
+        "loss",
+        description="Task statistics (C_t, FoLoRA) over the loss positions, all positions, or balanced (ours): "
+        "(C_loss + C_all) / 2, so a short answer and its prompt each count half.",
+    )
     max_task_examples: int | None = Field(512, gt=0)
     stats_batch_size: int = Field(16, gt=0)
     stats_memory_gb: float | None = Field(

@@ -492,6 +492,23 @@ def test_dataset_source_and_all_task_positions(write_recipe, model_and_tokenizer
     assert everything.token_counts()["task"] > loss.token_counts()["task"]
 
 
+def test_balanced_task_positions_average_the_loss_and_all_position_statistics(write_recipe, model_and_tokenizer):
+    """C_t of ``balanced`` = (C_t over the loss positions + C_t over all positions) / 2, each of those two checked
+    against a float64 reference in test_stats_equal_float64_reference; its token counts are the loss positions'."""
+    model, tokenizer = model_and_tokenizer
+    both = ["preserve", "task"]
+    by = {p: run_calibration(load_recipe(write_recipe(p, calibration={**FAST, "task_positions": p})), model, tokenizer,
+                             Lora, stats=both) for p in ("loss", "all", "balanced")}  # fmt: skip
+    assert by["balanced"].token_counts()["task"] == by["loss"].token_counts()["task"] < by["all"].token_counts()["task"]
+    for key in by["loss"].keys():
+        loss, every = by["loss"].cov_by_key("task", key).double(), by["all"].cov_by_key("task", key).double()
+        assert (loss - every).norm() > 0.1 * loss.norm()  # the two estimates differ: the mean is neither
+        mean = (loss + every) / 2
+        scale = float(mean.abs().max())
+        torch.testing.assert_close(by["balanced"].cov_by_key("task", key).double(), mean, atol=1e-6 * scale, rtol=1e-5)
+        torch.testing.assert_close(by["balanced"].cov_by_key("preserve", key), by["loss"].cov_by_key("preserve", key))
+
+
 def test_cli_calibrate_writes_then_reuses(write_recipe):
     import typer
 

@@ -175,6 +175,30 @@ def test_resume_is_exact_with_schedule_and_refresh(write_recipe):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
+def test_resume_is_exact_mid_window_with_balanced_task_positions(write_recipe):
+    """task_positions: balanced; the checkpoint at step 5 falls inside the window of the refresh at step 6, so it
+    carries both halves of the window (loss and all positions), and resuming from it ends where a straight run does."""
+    method = {"refresh_every": 3, "refresh_window": 2}
+    common = {"max_steps": 8, "save_every": 5, "keep_last": 5, "lr": 2e-2, "warmup_steps": 1}
+    calibration = {**FAST_CALIBRATION, "task_positions": "balanced"}
+    straight = run(write_recipe("straight-bal", method={"name": "folora", "r": 4, "alpha": 8, **method},
+                                calibration=calibration, training=common))  # fmt: skip
+    interrupted = write_recipe("resumed-bal", method={"name": "folora", "r": 4, "alpha": 8, **method},
+                               calibration=calibration, training=common)  # fmt: skip
+    first = run(interrupted)
+    resume_from = rewind_to_previous_checkpoint(first.run_dir)
+    assert resume_from.name == "checkpoint-000005"
+    state = load_file(resume_from / "method.safetensors")
+    assert any(k.endswith("@loss") for k in state if k.startswith("window_count/"))
+    assert any(k.endswith("@all") for k in state if k.startswith("window_count/"))
+    run(interrupted, resume=True)
+    a = load_file(straight.run_dir / "final" / "adapter_model.safetensors")
+    b = load_file(first.run_dir / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
 def test_resume_is_exact_without_bases_in_the_checkpoint(write_recipe):
     """No refresh: the checkpoint holds no V_K (recomputed from calibration at set-up), resume is still exact."""
     common = {"max_steps": 6, "save_every": 3, "keep_last": 5, "lr": 2e-2, "warmup_steps": 1}

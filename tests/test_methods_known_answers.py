@@ -146,6 +146,27 @@ def test_task_window_averages_x_xT_over_loss_positions():
     assert float(all_positions.counts["k"]) == 4
 
 
+def test_balanced_task_window_is_the_mean_of_the_loss_and_all_position_estimates():
+    """Loss rows (2, 1), (3, 1), (6, 2) over 3 tokens; all rows: x_t = (t+1, 1), t = 0..3, then 2 x_t, over 8;
+    the estimate is the mean of the two second moments, each computed here from its rows in float64."""
+    window = TaskWindow("balanced")
+    (batch, x), (batch2, x2) = task_batch(2), task_batch(3)
+    window.add_batch({"k": x}, batch)
+    window.add_batch({"k": 2 * x2}, batch2)
+    assert float(window.counts["k@loss"]) == 3 and float(window.counts["k@all"]) == 8
+    loss = torch.tensor([[2.0, 1.0], [3.0, 1.0], [6.0, 2.0]], dtype=torch.float64)
+    every = torch.tensor([[t + 1.0, 1.0] for t in range(4)] + [[2 * (t + 1.0), 2.0] for t in range(4)], dtype=torch.float64)
+    expected = (loss.T @ loss / 3 + every.T @ every / 8) / 2
+    state = window.state_dict()
+    assert set(state) == {"window_block/k@loss/0", "window_block/k@all/0", "window_count/k@loss", "window_count/k@all"}
+    resumed = TaskWindow("balanced")
+    resumed.load_state_dict(state, torch.device("cpu"))
+    estimates = dict(window.pop_estimates())
+    assert list(estimates) == ["k"] and window.sums == {} and window.counts == {}
+    torch.testing.assert_close(estimates["k"].double(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dict(resumed.pop_estimates())["k"], estimates["k"], atol=0, rtol=0)
+
+
 def test_task_window_skips_empty_keys_and_round_trips_its_state():
     window = TaskWindow("loss")
     batch, x = task_batch(2)

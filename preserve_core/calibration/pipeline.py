@@ -182,11 +182,7 @@ def compute_stats(recipe, model: nn.Module, tokenizer, sequences: list[list[int]
             batches, positions = preserve_batches(sequences, tokenizer, recipe.data.max_length, cfg.stats_batch_size), "all"
         else:
             (batches, result.n_task), positions = task_batches(recipe, tokenizer), cfg.task_positions
-        counts, covs = {}, {}
-        for part in input_stats_passes(model, targets, batches, positions, dist, budget):
-            counts |= part.counts
-            covs |= part.pop_packed_covs("cpu") if dist.is_main else {}
-            del part
+        counts, covs = _stats_over(model, targets, batches, positions, dist, budget)
         counts = {k: counts[k] for k in layout.keys}
         _check_counts(w, counts)
         if dist.is_main:
@@ -194,6 +190,23 @@ def compute_stats(recipe, model: nn.Module, tokenizer, sequences: list[list[int]
         result.counts[w] = counts
         result.covs[w] = {k: covs[k] for k in layout.keys} if dist.is_main else {}
     return result
+
+
+def _stats_over(model, targets, batches, positions: str, dist: Dist, budget) -> tuple[dict, dict]:
+    """``(tokens per input, packed C per input on the CPU)`` over ``positions`` of ``batches``. ``balanced``:
+    ``C = (C_loss + C_all) / 2`` (float64 sum, stored float32) with the loss positions' counts, the scarcer."""
+    if positions == "balanced":
+        counts, covs = _stats_over(model, targets, batches, "loss", dist, budget)
+        every = _stats_over(model, targets, batches, "all", dist, budget)[1]
+        for k in list(covs):  # in place: two sets of matrices at the peak, not three
+            covs[k] = (covs[k].double() / 2 + every.pop(k).double() / 2).float()
+        return counts, covs
+    counts, covs = {}, {}
+    for part in input_stats_passes(model, targets, batches, positions, dist, budget):
+        counts |= part.counts
+        covs |= part.pop_packed_covs("cpu") if dist.is_main else {}
+        del part
+    return counts, covs
 
 
 def _note_passes(passes: list[list[str]], dims: dict[str, int], budget: int | None) -> None:

@@ -26,37 +26,48 @@ from ...calibration.stats import select_rows, token_mask
 
 class TaskWindow:
     """Per input key: ``sums[key]`` = sum x x^T as an :class:`UpperGram` (its upper row blocks, float32:
-    9/16 of ``n^2`` at real widths) and ``counts[key]`` = tokens, since the last clear."""
+    9/16 of ``n^2`` at real widths) and ``counts[key]`` = tokens, since the last clear. With ``positions:
+    balanced`` each key has two, ``<key>@loss`` and ``<key>@all``, and its estimate is their mean."""
 
     def __init__(self, positions: str):
         self.positions = positions
+        self.parts = ("loss", "all") if positions == "balanced" else (positions,)
         self.sums: dict[str, UpperGram] = {}
         self.counts: dict[str, torch.Tensor] = {}
 
+    def _name(self, key: str, part: str) -> str:
+        return key if len(self.parts) == 1 else f"{key}@{part}"
+
     def add_batch(self, inputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
         """``inputs``: one layer input [B, T, n] per key, from the forward pass of ``batch``."""
-        mask = token_mask(batch, self.positions)
-        with torch.no_grad(), torch.autocast(mask.device.type, enabled=False):
-            for key, x in inputs.items():
-                rows = select_rows(x, mask.to(x.device))
-                if key not in self.sums:
-                    self.sums[key] = UpperGram(rows.shape[1], rows.device)
-                    self.counts[key] = torch.zeros((), dtype=torch.float64, device=rows.device)
-                self.sums[key].add_(rows, x.dtype)
-                self.counts[key] += rows.shape[0]
+        for part in self.parts:
+            mask = token_mask(batch, part)
+            with torch.no_grad(), torch.autocast(mask.device.type, enabled=False):
+                for key, x in inputs.items():
+                    rows, name = select_rows(x, mask.to(x.device)), self._name(key, part)
+                    if name not in self.sums:
+                        self.sums[name] = UpperGram(rows.shape[1], rows.device)
+                        self.counts[name] = torch.zeros((), dtype=torch.float64, device=rows.device)
+                    self.sums[name].add_(rows, x.dtype)
+                    self.counts[name] += rows.shape[0]
 
     def pop_estimates(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(key, C_window)`` (float32 [n, n]) for keys that saw tokens, reduced over processes, one key
         at a time: each sum leaves the window as its matrix is built, so besides the window's other sums
-        only one ``[n, n]`` exists. Empties the window."""
-        for key in sorted(self.sums):
-            gram, count = self.sums.pop(key), self.counts.pop(key)
-            if dist.is_available() and dist.is_initialized():
-                gram.reduce_(_all_reduced)
-                dist.all_reduce(count)
-            if float(count) > 0:
-                yield key, gram.full().div_(float(count))
-            del gram
+        only one or two ``[n, n]`` exist. ``balanced``: the mean of the parts that saw tokens. Empties the window."""
+        keys = sorted({name.rpartition("@")[0] if len(self.parts) > 1 else name for name in self.sums})
+        for key in keys:
+            estimates = []
+            for part in self.parts:
+                gram, count = self.sums.pop(self._name(key, part)), self.counts.pop(self._name(key, part))
+                if dist.is_available() and dist.is_initialized():
+                    gram.reduce_(_all_reduced)
+                    dist.all_reduce(count)
+                if float(count) > 0:
+                    estimates.append(gram.full().div_(float(count)))
+                del gram
+            if estimates:
+                yield key, estimates[0] if len(estimates) == 1 else (estimates[0] + estimates[1]) / 2
 
     def clear(self) -> None:
         self.sums, self.counts = {}, {}
