@@ -155,7 +155,8 @@ def test_balanced_task_window_is_the_mean_of_the_loss_and_all_position_estimates
     window.add_batch({"k": 2 * x2}, batch2)
     assert float(window.counts["k@loss"]) == 3 and float(window.counts["k@all"]) == 8
     loss = torch.tensor([[2.0, 1.0], [3.0, 1.0], [6.0, 2.0]], dtype=torch.float64)
-    every = torch.tensor([[t + 1.0, 1.0] for t in range(4)] + [[2 * (t + 1.0), 2.0] for t in range(4)], dtype=torch.float64)
+    rows = [[t + 1.0, 1.0] for t in range(4)] + [[2 * (t + 1.0), 2.0] for t in range(4)]
+    every = torch.tensor(rows, dtype=torch.float64)
     expected = (loss.T @ loss / 3 + every.T @ every / 8) / 2
     state = window.state_dict()
     assert set(state) == {"window_block/k@loss/0", "window_block/k@all/0", "window_count/k@loss", "window_count/k@all"}

@@ -88,7 +88,8 @@ class Calibration:
         return self._matrix("preserve", self.input_key(module_name))
 
     def task_cov(self, module_name: str) -> torch.Tensor:
-        """``C_t`` over the task tokens (loss positions unless ``task_positions: all``), float32 [n, n]."""
+        """``C_t`` over the task tokens (loss positions unless ``task_positions`` is ``all`` or ``balanced``),
+        float32 [n, n]."""
         return self._matrix("task", self.input_key(module_name))
 
     def cov_by_key(self, which: str, key: str) -> torch.Tensor:
