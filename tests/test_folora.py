@@ -510,7 +510,7 @@ def test_task_shrinkage_by_hand():
 def test_full_task_shrinkage_ranks_directions_by_least_preserve_energy():
     """At s = 1 the solve reads C_t only through tr(C_t) / n = m: with C_p = R diag(p) R^T the solutions are
     v_i = r_i / sqrt(p_i + eps) with lambda_i = m / (p_i + eps), the least preserve energy first, whatever C_t's
-    shape (here concentrated on the preserve directions, which s = 0 would rank first)."""
+    shape (here concentrated on the preserve-heavy r_0, r_1; s = 0 ranks r_1 first)."""
     from types import SimpleNamespace
 
     g = torch.Generator().manual_seed(3)
