@@ -152,7 +152,16 @@ def run(path, *overrides, resume=False):
 
 def folora_recipe(write_recipe, name: str, method: dict | None = None, **sections):
     method = {"name": "folora", "r": 4, "alpha": 8, **(method or {})}
-    return write_recipe(name, method=method, calibration=FAST_CALIBRATION, **sections)
+    return write_recipe(name, method=method, **{"calibration": FAST_CALIBRATION, **sections})
+
+
+def assert_same_final_adapter(run_a, run_b, atol: float) -> None:
+    """The two runs' final adapters hold the same tensors, to ``atol``."""
+    a = load_file(run_a / "final" / "adapter_model.safetensors")
+    b = load_file(run_b / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0)
 
 
 def test_resume_is_exact_with_schedule_and_refresh(write_recipe):
@@ -168,11 +177,7 @@ def test_resume_is_exact_with_schedule_and_refresh(write_recipe):
     assert resume_from.name == "checkpoint-000004"
     assert load_file(resume_from / "method.safetensors").keys() >= {"step"}
     run(interrupted, resume=True)
-    a = load_file(straight.run_dir / "final" / "adapter_model.safetensors")
-    b = load_file(first.run_dir / "final" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    assert_same_final_adapter(straight.run_dir, first.run_dir, atol=1e-6)
 
 
 def test_resume_is_exact_mid_window_with_balanced_task_positions(write_recipe):
@@ -181,10 +186,8 @@ def test_resume_is_exact_mid_window_with_balanced_task_positions(write_recipe):
     method = {"refresh_every": 3, "refresh_window": 2}
     common = {"max_steps": 8, "save_every": 5, "keep_last": 5, "lr": 2e-2, "warmup_steps": 1}
     calibration = {**FAST_CALIBRATION, "task_positions": "balanced"}
-    straight = run(write_recipe("straight-bal", method={"name": "folora", "r": 4, "alpha": 8, **method},
-                                calibration=calibration, training=common))  # fmt: skip
-    interrupted = write_recipe("resumed-bal", method={"name": "folora", "r": 4, "alpha": 8, **method},
-                               calibration=calibration, training=common)  # fmt: skip
+    straight = run(folora_recipe(write_recipe, "straight-bal", method, calibration=calibration, training=common))
+    interrupted = folora_recipe(write_recipe, "resumed-bal", method, calibration=calibration, training=common)
     first = run(interrupted)
     resume_from = rewind_to_previous_checkpoint(first.run_dir)
     assert resume_from.name == "checkpoint-000005"
@@ -192,11 +195,7 @@ def test_resume_is_exact_mid_window_with_balanced_task_positions(write_recipe):
     assert any(k.endswith("@loss") for k in state if k.startswith("window_count/"))
     assert any(k.endswith("@all") for k in state if k.startswith("window_count/"))
     run(interrupted, resume=True)
-    a = load_file(straight.run_dir / "final" / "adapter_model.safetensors")
-    b = load_file(first.run_dir / "final" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    assert_same_final_adapter(straight.run_dir, first.run_dir, atol=1e-6)
 
 
 def test_resume_is_exact_without_bases_in_the_checkpoint(write_recipe):
@@ -208,11 +207,7 @@ def test_resume_is_exact_without_bases_in_the_checkpoint(write_recipe):
     saved = load_file(rewind_to_previous_checkpoint(first.run_dir) / "method.safetensors")
     assert saved and not [k for k in saved if k.startswith("basis/")]
     resumed = run(interrupted, resume=True)
-    a = load_file(straight.run_dir / "final" / "adapter_model.safetensors")
-    b = load_file(first.run_dir / "final" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    assert_same_final_adapter(straight.run_dir, first.run_dir, atol=0)
     wrappers = resumed.model.get_submodule("model.layers.0.self_attn")
     assert len({getattr(wrappers, f"{p}_proj").basis.data_ptr() for p in "qkv"}) == 1  # one V_K per input
     assert wrappers.q_proj.basis.dtype == torch.float32
