@@ -282,7 +282,9 @@ class Folora(Method):
             for key, c_p in self.current_preserve_covs(model):
                 c_t = task.pop(key, None)
                 if c_t is None:
-                    c_t = self.task_covs.get(key, self.ctx.calibration.cov_by_key("task", key))
+                    c_t = self.task_covs.get(key)
+                if c_t is None:  # read from disk only when neither the window nor a refresh has one
+                    c_t = self.ctx.calibration.cov_by_key("task", key)
                 self.rebase(key, c_t, optimizer, c_p)
         for key, c_t in task.items():
             self.rebase(key, c_t, optimizer)
