@@ -36,6 +36,7 @@ class TrainState:
     position: int = 0
     tokens: int = 0
     recipe: dict | None = None  # the resolved recipe the run was made with (``--resume`` compares it)
+    loss_watch: dict | None = None  # ``guards.LossWatch.state()``: a resumed run warns as an uninterrupted one
 
 
 def rng_state() -> dict:

@@ -159,12 +159,13 @@ def stop_requested() -> int:
 class LossWatch:
     """Notices a run turning to garbage with finite numbers (the divergence checks catch only inf and NaN).
 
-    A moving average of the training loss starts at the mean of the first ``window`` steps (of this
-    process's run, resumed or not) and moves by ``(loss - ema) / window`` per step; ``best`` is its
-    lowest value so far. :meth:`update` returns ``(best, ema)`` once, the first time after ``2 * window``
-    steps that ``ema > factor * best`` and ``ema - best > margin`` (nats), else None. Fine-tuning lowers
-    the loss: doubling from the best point by more than a nat is a collapse (the lab's one went 4.3 ->
-    15), while the margin keeps a converged loss's noise (0.02 -> 0.05) quiet.
+    A moving average of the training loss starts at the mean of the first ``window`` steps of the run and
+    moves by ``(loss - ema) / window`` per step; ``best`` is its lowest value so far. :meth:`update` returns
+    ``(best, ema)`` once, the first time after ``2 * window`` steps that ``ema > factor * best`` and
+    ``ema - best > margin`` (nats), else None. Fine-tuning lowers the loss: doubling from the best point by
+    more than a nat is a collapse (the lab's one went 4.3 -> 15), while the margin keeps a converged loss's
+    noise (0.02 -> 0.05) quiet. :meth:`state` / :meth:`from_state` carry it through a checkpoint, so a
+    resumed run warns where the uninterrupted one would.
     """
 
     def __init__(self, window: int = 10, factor: float = 2.0, margin: float = 1.0):
@@ -173,6 +174,21 @@ class LossWatch:
         self.ema: float | None = None
         self.best = float("inf")
         self.steps, self.fired = 0, False
+
+    def state(self) -> dict:
+        """What :meth:`from_state` needs, as JSON values (``best`` is None until it is set)."""
+        best = None if self.best == float("inf") else self.best
+        return {"first": list(self.first), "ema": self.ema, "best": best, "steps": self.steps, "fired": self.fired}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "LossWatch":
+        """A watch that continues from ``state`` (a fresh one for None: checkpoints older than the field)."""
+        watch = cls()
+        if state:
+            watch.first, watch.ema = list(state["first"]), state["ema"]
+            watch.steps, watch.fired = state["steps"], state["fired"]
+            watch.best = float("inf") if state["best"] is None else state["best"]
+        return watch
 
     def update(self, loss: float) -> tuple[float, float] | None:
         self.steps += 1

@@ -306,7 +306,7 @@ class TrainingLoop:
         self.retention = None
         self.regularizers = Regularizers([], None)
         self.sharded = is_sharded(model)
-        self.loss_watch = LossWatch()
+        self.loss_watch = LossWatch.from_state(state.loss_watch)
 
     def run(self, show_progress: bool) -> TrainResult:
         from .retention import RetentionTracker
@@ -460,6 +460,7 @@ class TrainingLoop:
     def _watch_loss(self, step: int, loss: float) -> None:
         """Warn once (and log a ``loss_rising`` event) when the loss has doubled from its best point."""
         rising = self.loss_watch.update(loss)
+        self.state.loss_watch = self.loss_watch.state()
         if rising is None:
             return
         best, average = rising

@@ -149,3 +149,49 @@ def test_a_collapsing_loss_is_reported_and_the_run_goes_on(write_recipe, monkeyp
     assert len(rising) == 1 and rising[0]["step"] == 21  # ema 3 - 2 * 0.9^k tops 2 at step 17; the watch waits past 20
     assert rising[0]["loss_best"] == 1.0
     assert "the training loss rose from 1 (its lowest moving average)" in capfd.readouterr().err
+
+
+def test_loss_watch_state_survives_json_and_continues_where_it_stopped():
+    """The first test's losses, stopped after step 15 and restored from JSON: the watch still fires at step
+    21 with ema 5 - 3 * 0.9^11. A fresh watch at step 16 would start its average at 5.0 and never fire."""
+    import json
+
+    from preserve_core.guards import LossWatch
+
+    watch = LossWatch(window=10, factor=2.0)
+    for step in range(1, 16):
+        assert watch.update(2.0 if step <= 10 else 5.0) is None
+    restored = LossWatch.from_state(json.loads(json.dumps(watch.state())))
+    hits = [(step, restored.update(5.0)) for step in range(16, 40)]
+    hits = [(step, value) for step, value in hits if value is not None]
+    assert len(hits) == 1 and hits[0][0] == 21
+    assert hits[0][1] == pytest.approx((2.0, 5 - 3 * 0.9**11), rel=1e-12)
+    assert LossWatch.from_state(None).state() == LossWatch().state() == {
+        "first": [], "ema": None, "best": None, "steps": 0, "fired": False
+    }
+
+
+def test_a_resumed_run_reports_the_collapse_at_the_step_a_straight_run_does(write_recipe, monkeypatch):
+    """The loss triples after step 10; the run stops after its checkpoint at step 15 and resumes. The
+    watch's state travels in the checkpoint, so the one loss_rising event is at step 21 (a watch started
+    afresh at 16 would average 3.0 from there and stay quiet)."""
+    import json
+
+    from preserve_core import training
+    from tests.conftest import rewind_to_previous_checkpoint, run_recipe
+
+    original = training.TrainingLoop.one_step
+
+    def one_step(self):
+        loss, tokens, seconds, grad_norm = original(self)
+        return (1.0 if self.state.step <= 10 else 3.0), tokens, seconds, grad_norm
+
+    monkeypatch.setattr(training.TrainingLoop, "one_step", one_step)
+    path = write_recipe(training={"max_steps": 30, "save_every": 15})
+    run_dir = run_recipe(path).run_dir
+    assert rewind_to_previous_checkpoint(run_dir).name == "checkpoint-000015"
+    saved = json.loads((run_dir / "checkpoint-000015" / "trainer_state.json").read_text())["loss_watch"]
+    assert saved["steps"] == 15 and saved["fired"] is False and saved["best"] == 1.0
+    run_recipe(path, resume=True)
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "loss_rising"] == [21]
