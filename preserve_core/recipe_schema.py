@@ -116,6 +116,13 @@ class DistributedConfig(StrictModel):
     reshard_after_forward: bool = Field(
         True, description="fsdp: free gathered layer weights after each forward (less memory, one more all-gather)."
     )
+    timeout_s: int | None = Field(
+        None,
+        gt=0,
+        description="Seconds a collective (a barrier, an all-reduce) waits for the other processes before the run "
+        "fails; None: torch's default (30 minutes; 10 under NCCL). Raise it when one rank works alone for long, e.g. "
+        "sampling a large calibration or writing checkpoints to slow storage.",
+    )
 
 
 class TrainingConfig(StrictModel):

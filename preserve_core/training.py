@@ -13,11 +13,12 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.nn.utils import get_total_norm
 
 from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
@@ -129,10 +130,13 @@ def make_accelerator(recipe) -> Accelerator:
     precision = recipe.training.mixed_precision
     if precision != "no" and not torch.cuda.is_available():
         precision = "no"
+    timeout = recipe.training.distributed.timeout_s
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout))] if timeout else []
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate launch use gloo DDP on CPU
         mixed_precision=precision,
         gradient_accumulation_steps=recipe.training.grad_accum,
+        kwargs_handlers=handlers,
     )
 
 
