@@ -66,6 +66,20 @@ def test_gate_follows_the_quantile_schedule_and_records_gamma():
     torch.testing.assert_close(sharp, torch.tensor([64 / 73, 16 / 25, 4 / 13, 0.0]))
 
 
+def test_a_hard_gate_opens_over_training_when_the_schedule_runs_from_a_high_quantile_to_a_low_one():
+    """lambda (8, 4, 2, 0), quantile .75 -> .25 over 10 steps (torch.quantile interpolates the sorted values at
+    q * 3): step 0, q .75, gamma 4 + .25 * 4 = 5, one direction open; step 5, q .5, gamma 3, two; step 10,
+    q .25, gamma 1.5, three (lambda 0 stays closed)."""
+    method = folora(max_steps=10, gate="hard", gamma_schedule="linear", gamma_quantile_start=0.75, gamma_quantile=0.25)
+    opened = {}
+    for step in (0, 5, 10):
+        method.step = step
+        opened[step] = (method._gate("x").tolist(), method.gammas["x"])
+    assert opened[0] == ([1.0, 0.0, 0.0, 0.0], pytest.approx(5.0))
+    assert opened[5] == ([1.0, 1.0, 0.0, 0.0], pytest.approx(3.0))
+    assert opened[10] == ([1.0, 1.0, 1.0, 0.0], pytest.approx(1.5))
+
+
 def test_set_gates_gives_every_layer_of_an_input_its_gate_times_the_step_scale():
     method = folora(step="euclidean")
     method.step_scales = {key: method._step_scale(VECTORS) for key in ("x", "y")}
