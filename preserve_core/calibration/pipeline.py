@@ -195,12 +195,17 @@ def compute_stats(recipe, model: nn.Module, tokenizer, sequences: list[list[int]
 def _stats_over(model, targets, batches, positions: str, dist: Dist, budget) -> tuple[dict, dict]:
     """``(tokens per input, packed C per input on the CPU)`` over ``positions`` of ``batches``. ``balanced``:
     ``C = (C_loss + C_all) / 2`` (float64 sum, stored float32) with the loss positions' counts, the scarcer."""
-    if positions == "balanced":
-        counts, covs = _stats_over(model, targets, batches, "loss", dist, budget)
-        every = _stats_over(model, targets, batches, "all", dist, budget)[1]
-        for k in list(covs):  # in place: two sets of matrices at the peak, not three
-            covs[k] = (covs[k].double() / 2 + every.pop(k).double() / 2).float()
-        return counts, covs
+    if positions != "balanced":
+        return _stats_at(model, targets, batches, positions, dist, budget)
+    counts, covs = _stats_at(model, targets, batches, "loss", dist, budget)
+    every = _stats_at(model, targets, batches, "all", dist, budget)[1]
+    for k in list(covs):  # in place: two sets of matrices at the peak, not three
+        covs[k] = (covs[k].double() / 2 + every.pop(k).double() / 2).float()
+    return counts, covs
+
+
+def _stats_at(model, targets, batches, positions: str, dist: Dist, budget) -> tuple[dict, dict]:
+    """One statistic's passes over ``batches`` at ``positions`` (``loss`` or ``all``)."""
     counts, covs = {}, {}
     for part in input_stats_passes(model, targets, batches, positions, dist, budget):
         counts |= part.counts
