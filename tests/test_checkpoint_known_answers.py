@@ -66,14 +66,15 @@ def _training(seed: int = 0):
 
 def test_files_names_and_contents(tmp_path):
     model, optimizer, scheduler = _training()
-    state = TrainState(step=7, epoch=2, position=3, tokens=41, recipe={"a": 1})
+    watch = {"first": [2.5], "ema": None, "best": None, "steps": 1, "fired": False}
+    state = TrainState(step=7, epoch=2, position=3, tokens=41, recipe={"a": 1}, loss_watch=watch)
     path = save_checkpoint(tmp_path, state, StandIn(), model, optimizer, scheduler, keep_last=2)
     assert path == tmp_path / "checkpoint-000007"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000007"]  # the temporary folder is gone
     assert sorted(p.name for p in path.iterdir()) == ["SHA256SUMS", "state.pt", "trainable.safetensors", "trainer_state.json"]
     assert sorted(read_checksums(path)) == ["state.pt", "trainable.safetensors", "trainer_state.json"]
     assert torch.equal(load_file(path / "trainable.safetensors")["weight"], model.weight.detach().T)
-    summary = {"step": 7, "epoch": 2, "position": 3, "tokens": 41, "recipe": {"a": 1}}
+    summary = {"step": 7, "epoch": 2, "position": 3, "tokens": 41, "recipe": {"a": 1}, "loss_watch": watch}
     assert (path / "trainer_state.json").read_text() == json.dumps(summary, indent=2)
     blob = torch.load(path / "state.pt", weights_only=True)
     assert sorted(blob) == ["optimizer", "rng", "scheduler", "train"] and blob["train"] == summary
