@@ -120,8 +120,10 @@ def test_schedules_from_their_formulas():
     assert _lrs("linear", 0, 4) == pytest.approx([1, 0.75, 0.5, 0.25])
 
 
-def _recipe(precision: str = "no", grad_accum: int = 1):
-    return SimpleNamespace(training=SimpleNamespace(mixed_precision=precision, grad_accum=grad_accum))
+def _recipe(precision: str = "no", grad_accum: int = 1, timeout_s: int | None = None):
+    distributed = SimpleNamespace(timeout_s=timeout_s)
+    config = SimpleNamespace(mixed_precision=precision, grad_accum=grad_accum, distributed=distributed)
+    return SimpleNamespace(training=config)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU fallbacks")
@@ -130,6 +132,8 @@ def test_accelerator_on_cpu_drops_mixed_precision_and_keeps_accumulation():
     assert accelerator.mixed_precision == "no" and accelerator.gradient_accumulation_steps == 3
     assert accelerator.device == torch.device("cpu")
     assert make_accelerator(_recipe("no", 1)).gradient_accumulation_steps == 1
+    assert make_accelerator(_recipe()).init_handler is None  # torch's own timeout
+    assert make_accelerator(_recipe(timeout_s=90)).init_handler.timeout.total_seconds() == 90
     with pytest.raises(PPFTError) as err:
         check_runtime(_recipe("fp16"))
     assert str(err.value) == "training.mixed_precision: fp16 needs a GPU; use 'no' on CPU"
@@ -146,7 +150,8 @@ def test_accelerator_options_by_machine(monkeypatch, cuda, precision, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(training, "Accelerator", lambda **options: options)
     options = make_accelerator(_recipe(precision, grad_accum=2))
-    assert options == {"cpu": expected[0], "mixed_precision": expected[1], "gradient_accumulation_steps": 2}
+    assert options == {"cpu": expected[0], "mixed_precision": expected[1], "gradient_accumulation_steps": 2,
+                       "kwargs_handlers": []}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
