@@ -25,7 +25,7 @@ def key_stats(cal: Calibration, key: str, damping: float) -> dict[str, float]:
     n = c_p.shape[0]
     lam = generalized_basis(c_t, c_p, damping, n).values.clamp_min(0)
     share = torch.cumsum(lam, 0) / lam.sum()
-    row = {"n": n, "q97": int((lam >= torch.quantile(lam, 0.97)).sum()), "q90": int((lam >= torch.quantile(lam, 0.9)).sum())}
+    row = {"n": n, **{f"q{int(q * 100)}": int((lam >= torch.quantile(lam, q)).sum()) for q in (0.97, 0.9)}}
     row["pr"] = float(lam.sum() ** 2 / (lam**2).sum())
     for f in (0.5, 0.8, 0.9):
         row[f"m{int(f * 100)}"] = int((share < f).sum()) + 1
