@@ -150,6 +150,21 @@ def rewind_to_previous_checkpoint(run_dir: Path) -> Path:
     return list_checkpoints(run_dir)[-1]
 
 
+def assert_same_tensors(a: dict, b: dict, atol: float) -> None:
+    """Two ``{name: tensor}`` dicts hold the same names and, name by name, the same values to ``atol``."""
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0)
+
+
+def assert_same_final_adapter(run_a: Path, run_b: Path, atol: float) -> None:
+    """The two runs' final PEFT adapters hold the same tensors, to ``atol``."""
+    from safetensors.torch import load_file
+
+    adapter = "final/adapter_model.safetensors"
+    assert_same_tensors(load_file(run_a / adapter), load_file(run_b / adapter), atol)
+
+
 def run_recipe(path: Path, resume: bool = False):
     """``train`` on the recipe at ``path``, without a progress bar; returns its ``TrainResult``."""
     from preserve_core.recipe import load_recipe

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import (
     PRESERVE_TEXTS,
+    assert_same_final_adapter,
     calibrated_recipe,
     fake_calibration,
     rewind_to_previous_checkpoint,
@@ -129,12 +130,7 @@ def test_kl_resume_is_exact(write_recipe, tmp_path):
     first = run_recipe(path)
     rewind_to_previous_checkpoint(first.run_dir)
     run_recipe(path, resume=True)
-    from safetensors.torch import load_file
-
-    a = load_file(straight.run_dir / "final" / "adapter_model.safetensors")
-    b = load_file(first.run_dir / "final" / "adapter_model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    assert_same_final_adapter(straight.run_dir, first.run_dir, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["pissa", "milora", "corda_kpm"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rewind_to_previous_checkpoint
+from conftest import assert_same_final_adapter, rewind_to_previous_checkpoint
 from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
@@ -153,15 +153,6 @@ def run(path, *overrides, resume=False):
 def folora_recipe(write_recipe, name: str, method: dict | None = None, **sections):
     method = {"name": "folora", "r": 4, "alpha": 8, **(method or {})}
     return write_recipe(name, method=method, **{"calibration": FAST_CALIBRATION, **sections})
-
-
-def assert_same_final_adapter(run_a, run_b, atol: float) -> None:
-    """The two runs' final adapters hold the same tensors, to ``atol``."""
-    a = load_file(run_a / "final" / "adapter_model.safetensors")
-    b = load_file(run_b / "final" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0)
 
 
 def test_resume_is_exact_with_schedule_and_refresh(write_recipe):

@@ -12,7 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import reverse_examples, run_recipe, write_jsonl
+from conftest import assert_same_tensors, reverse_examples, run_recipe, write_jsonl
 from preserve_core.checkpoint import list_checkpoints
 from preserve_core.methods.fora.layer import ForaLinear
 from preserve_core.methods.fora.bases import project_left, project_right, select_rank
@@ -310,9 +310,7 @@ def test_resume_is_exact(method, write_recipe, calibration_settings):
     resumed = run_recipe(interrupted, resume=True)
     torch.testing.assert_close(logits(resumed.model), logits(straight.model), atol=1e-6, rtol=0)
     a, b = (load_file(next(r.final_dir.glob("*.safetensors"))) for r in (straight, resumed))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    assert_same_tensors(a, b, atol=1e-6)
 
 
 def test_refresh_recomputes_q_on_the_current_model_and_later_steps_obey_it(write_recipe, calibration_settings):

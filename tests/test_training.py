@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import at_step, raise_keyboard_interrupt
+from conftest import assert_same_tensors, at_step, raise_keyboard_interrupt
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -52,11 +52,8 @@ def test_resume_is_exact(write_recipe):
         shutil.rmtree(list_checkpoints(first.run_dir)[-1])  # back to checkpoint-5
         assert list_checkpoints(first.run_dir)[-1].name == "checkpoint-000005"
         run(interrupted, resume=True)
-        a = _final_weights(straight.run_dir, method["name"])
-        b = _final_weights(first.run_dir, method["name"])
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+        a, b = (_final_weights(r.run_dir, method["name"]) for r in (straight, first))
+        assert_same_tensors(a, b, atol=1e-6)
 
 
 def test_lora_adapter_loads_with_stock_peft(write_recipe, tiny_model_dir):
