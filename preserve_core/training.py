@@ -464,7 +464,6 @@ class TrainingLoop:
     def _watch_loss(self, step: int, loss: float) -> None:
         """Warn once (and log a ``loss_rising`` event) when the loss has doubled from its best point."""
         rising = self.loss_watch.update(loss)
-        self.state.loss_watch = self.loss_watch.state()
         if rising is None:
             return
         best, average = rising
@@ -506,6 +505,7 @@ class TrainingLoop:
         self.accelerator.wait_for_everyone()
         path = None
         main = self.accelerator.is_main_process
+        self.state.loss_watch = self.loss_watch.state()  # rank 0's watch travels in its checkpoint
         with full_parameters(self.model, main, trainable_only=True) if self.sharded else nullcontext():
             optimizer_state = full_optimizer_state(self.optimizer) if self.sharded else None  # collective
             if main:
