@@ -28,7 +28,7 @@ except RuntimeError as error:
 
 
 def _barrier(tmp_path: Path, distributed: dict) -> str:
-    recipe = tmp_path / f"recipe{len(distributed)}.yaml"
+    recipe = tmp_path / f"recipe-{distributed.get('timeout_s', 'default')}.yaml"
     base = REPO / "recipes" / "lab_base.yaml"
     recipe.write_text(yaml.safe_dump({"extends": str(base), "training": {"distributed": distributed}}))
     probe = tmp_path / "probe.py"
