@@ -66,7 +66,7 @@ def apply_threads(recipe, threads: int | None) -> None:
 
 def guarded(fn: Callable[[], object], debug: bool) -> object:
     """Run ``fn``; turn ppft errors into one clear paragraph and the right exit code (no traceback unless --debug)."""
-    from preserve_core.errors import PPFTError
+    from preserve_core.errors import PPFTError, hint_for
 
     try:
         return fn()
@@ -87,8 +87,11 @@ def guarded(fn: Callable[[], object], debug: bool) -> object:
     except Exception as e:  # anything else is a bug or an environment problem: say so plainly
         if debug:
             raise
+        hint = hint_for(e)
         err_console.print(
-            f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))}\n(rerun with --debug for the traceback)",
+            f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))}"
+            + (f"\n[bold]hint:[/] {escape(hint)}" if hint else "")
+            + "\n(rerun with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )

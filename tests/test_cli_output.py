@@ -172,3 +172,33 @@ def test_brackets_in_messages_labels_and_paths_print_as_written(tmp_path, monkey
     rows = [{"task": "shift", "method": "lora[r8]", "lr": 1e-3, "new_task": {"score": 0.5, "stderr": 0.01},
              "preserve_mean": {"score": 0.9, "stderr": 0.01}, "pareto": True}]  # fmt: skip
     assert any("lora[r8]" in line for line in rendered(render_summary(rows, 80), 80))
+
+
+def test_a_collective_timeout_names_the_setting_and_other_errors_get_no_hint(monkeypatch):
+    """gloo's timeout (its words, as test_ddp_timeout sees them) and NCCL's watchdog get a hint naming
+    training.distributed.timeout_s; an unrelated RuntimeError prints as before, with no hint."""
+    import typer
+    from rich.console import Console
+
+    from cli import common
+
+    messages = {
+        "[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 2000ms for recv operation to complete": True,
+        "Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE) ran for 600000 ms": True,
+        "mat1 and mat2 shapes cannot be multiplied (4x8 and 16x8)": False,
+    }
+    for message, hinted in messages.items():
+        console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        monkeypatch.setattr(common, "err_console", console)
+
+        def run(message=message):
+            raise RuntimeError(message)
+
+        try:
+            common.guarded(run, debug=False)
+        except typer.Exit as exit_:
+            assert exit_.exit_code == 1
+        text = console.export_text()
+        assert message in text
+        assert ("training.distributed.timeout_s" in text) is hinted, message
+        assert ("hint:" in text) is hinted

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import sys, time
+from preserve_core.errors import hint_for
 from preserve_core.recipe import load_recipe
 from preserve_core.training import make_accelerator
 accelerator = make_accelerator(load_recipe(sys.argv[1]))
@@ -24,6 +25,7 @@ try:
     print(f"rank {accelerator.process_index}: BARRIER PASSED", flush=True)
 except RuntimeError as error:
     print(f"rank {accelerator.process_index}: BARRIER FAILED", error, flush=True)
+    print("HINTED" if "training.distributed.timeout_s" in (hint_for(error) or "") else "NO HINT", flush=True)
 """
 
 
@@ -41,8 +43,9 @@ def _barrier(tmp_path: Path, distributed: dict) -> str:
 
 @pytest.mark.slow  # two two-process launches, about 30 s
 def test_timeout_s_bounds_a_barrier_and_its_absence_keeps_torchs_default(tmp_path):
-    """Rank 1 reaches the barrier 6 s late: with timeout_s 2 rank 0's barrier fails and gloo names the 2,000 ms;
-    with the default (30 minutes) it waits and passes."""
+    """Rank 1 reaches the barrier 6 s late: with timeout_s 2 rank 0's barrier fails, gloo names the 2,000 ms and
+    the CLI's hint recognises gloo's own message; with the default (30 minutes) it waits and passes."""
     late = _barrier(tmp_path, {"timeout_s": 2})
     assert "rank 0: BARRIER FAILED" in late and "Timed out waiting 2000ms" in late
+    assert "HINTED" in late and "NO HINT" not in late
     assert "rank 0: BARRIER PASSED" in _barrier(tmp_path, {})
