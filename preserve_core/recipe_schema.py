@@ -134,7 +134,17 @@ class TrainingConfig(StrictModel):
     grad_accum: int = Field(1, gt=0)
     schedule: Literal["linear", "cosine", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW's decoupled weight decay: each step moves p by -lr_t * weight_decay * p."
+    )
+    weight_decay_timescale: float | None = Field(
+        None,
+        gt=0,
+        description="Decay's reach as a fraction of the run, in place of weight_decay: decay = 1 / (lr * "
+        "weight_decay_timescale * max_steps), so tau = 1 / (lr * decay), the steps AdamW's weights average the "
+        "updates over (Wang & Aitchison, ICML 2025), is this fraction of max_steps at the peak rate. Follows lr "
+        "(a bench sweep) and max_steps. None: weight_decay as given.",
+    )
     adam_betas: Annotated[tuple[Beta, Beta], BeforeValidator(_list_to_tuple)] = Field(
         (0.9, 0.999), description="Adam (beta1, beta2), each in [0, 1)."
     )
@@ -157,6 +167,22 @@ class TrainingConfig(StrictModel):
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig, description="DDP or FSDP across processes (see training.distributed)."
     )
+
+    @model_validator(mode="after")
+    def _one_decay(self) -> TrainingConfig:
+        if self.weight_decay_timescale is not None and self.weight_decay > 0:
+            raise ValueError(
+                f"weight_decay ({self.weight_decay}) and weight_decay_timescale ({self.weight_decay_timescale}) are "
+                "both set: keep one (set weight_decay: 0 where a recipe it extends sets it)"
+            )
+        return self
+
+    @property
+    def decay(self) -> float:
+        """The weight decay the optimizer applies: ``weight_decay``, or ``1 / (lr * timescale * max_steps)``."""
+        if self.weight_decay_timescale is None:
+            return self.weight_decay
+        return 1.0 / (self.lr * self.weight_decay_timescale * self.max_steps)
 
 
 class CalibrationConfig(StrictModel):

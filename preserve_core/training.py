@@ -244,6 +244,7 @@ def _train_locked(recipe, accelerator, run_dir: Path, start: ResumePoint | None,
         resumed["step"] = state.step
     if accelerator.is_main_process:
         extra = _manifest_extra(recipe, fingerprint, model, method, truncation, len(dataset), accelerator)
+        extra["weight_decay"] = optimizer.param_groups[0]["weight_decay"]  # what applies (weight_decay_timescale)
         write_manifest(run_dir, recipe, {**extra, "resumed": resumed} if resumed else extra)
     loop = TrainingLoop(recipe, accelerator, model, optimizer, scheduler, method, tokenizer, dataset, eval_set, log, state)
     loop.regularizers = regularizers  # the loop adds their loss terms and checkpoints their state

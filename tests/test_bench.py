@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -196,3 +197,26 @@ def test_a_row_with_its_own_training_settings_trains_and_reports_them(write_reci
     assert steps == [1, 2], "the row's max_steps, not the recipe's 3"
     settings = json.loads((out / "results.json").read_text())["settings"]
     assert settings["row_training"] == {"lora8": {"weight_decay": 0.5, "max_steps": 2}} and settings["steps"] == 3
+
+
+def test_a_rows_weight_decay_timescale_follows_each_swept_rate(write_recipe, tmp_path, tiny_task_file):
+    """weight_decay_timescale 4 over 3 steps: decay 1 / (lr * 4 * 3), by hand 83.33 at 1e-3 and 8.333 at 1e-2,
+    the same per-step pull lr * decay = 1/12 at both rates; the optimizer applies it (each cell's manifest)."""
+    path = bench_recipe(write_recipe, tmp_path, tiny_task_file)
+    data = yaml.safe_load(path.read_text())
+    data["bench"]["methods"][0]["training"] = {"weight_decay_timescale": 4.0}
+    path.write_text(yaml.safe_dump(data))
+    result = runner.invoke(app, ["bench", str(path), "--only", "full"])
+    assert result.exit_code == 0, result.output
+    decays = {}
+    for manifest in (tmp_path / "bench-out" / "cells").glob("rev__full__*/manifest.json"):
+        lr = yaml.safe_load((manifest.parent / "recipe.resolved.yaml").read_text())["training"]["lr"]
+        decays[lr] = json.loads(manifest.read_text())["weight_decay"]
+    assert decays == {1e-3: pytest.approx(1000 / 12), 1e-2: pytest.approx(100 / 12)}
+
+
+def test_weight_decay_and_its_timescale_together_are_refused(write_recipe, tmp_path):
+    path = write_recipe("both", training={"weight_decay": 1.0, "weight_decay_timescale": 0.125})
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "weight_decay (1.0) and weight_decay_timescale (0.125) are both set" in result.output

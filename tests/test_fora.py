@@ -436,7 +436,7 @@ def _fora_on_tiny(tiny_model_dir, options: dict, covs: dict[str, torch.Tensor] |
     covs = covs or {k: _cov_with_spectrum([float(n - i) for i in range(n)], 7)[0].float() for k, n in dims.items()}
     calibration = SimpleNamespace(input_key=layout.module_to_key.__getitem__,
                                   upper_triangle=lambda which, key, dtype, device: torch.triu(covs[key]).to(dtype))  # fmt: skip
-    recipe = SimpleNamespace(training=SimpleNamespace(weight_decay=0.0))
+    recipe = SimpleNamespace(training=SimpleNamespace(decay=0.0))
     ctx = SimpleNamespace(recipe=recipe, target_modules=targets, device=torch.device("cpu"), calibration=calibration)
     method = Fora(ForaOptions(**options), ctx)
     return method, method.prepare_model(model)

@@ -6,6 +6,8 @@ Adding a method to the registry without a row here fails ``test_matrix_covers_ev
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import rewind_to_previous_checkpoint
@@ -86,10 +88,12 @@ def load_export(run_dir, base_path):
 @pytest.mark.parametrize("method", MATRIX, ids=label)
 def test_method_trains_resumes_exactly_and_exports(method, write_recipe, calibration_dir):
     sections = {"method": method, "calibration": {**CALIBRATION, "dir": str(calibration_dir)},
-                "training": {"max_steps": 4, "save_every": 2, "keep_last": 5, "lr": 1e-2}}  # fmt: skip
+                "training": {"max_steps": 4, "save_every": 2, "keep_last": 5, "lr": 1e-2, "weight_decay_timescale": 4.0}}  # fmt: skip
     straight = train(load_recipe(write_recipe("straight", **sections)), show_progress=False)
     losses = [m["loss"] for m in straight.metrics if "loss" in m]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    manifest = json.loads((straight.run_dir / "manifest.json").read_text())
+    assert manifest["weight_decay"] == pytest.approx(6.25), "every optimizer: 1 / (lr 1e-2 * 4.0 * 4 steps)"
 
     path = write_recipe("resumed", **sections)
     first = train(load_recipe(path), show_progress=False)

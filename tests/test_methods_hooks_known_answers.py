@@ -272,7 +272,7 @@ def test_method_defaults():
     groups = method.parameter_groups(model, 0.25)
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.25
     assert [p is q for p, q in zip(groups[0]["params"], model[1].parameters(), strict=True)] == [True, True]
-    training = SimpleNamespace(weight_decay=0.1, lr=0.02, adam_betas=(0.8, 0.9), adam_eps=1e-5)
+    training = SimpleNamespace(decay=0.1, lr=0.02, adam_betas=(0.8, 0.9), adam_eps=1e-5)
     optimizer = method.build_optimizer(model, training)
     assert isinstance(optimizer, torch.optim.AdamW)
     group = optimizer.param_groups[0]

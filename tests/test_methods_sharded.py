@@ -43,7 +43,7 @@ def one_rank(tmp_path_factory):
 
 
 def context(calibration=None, weight_decay: float = 0.0) -> SimpleNamespace:
-    recipe = SimpleNamespace(model=SimpleNamespace(train_embeddings=False), training=SimpleNamespace(weight_decay=weight_decay))
+    recipe = SimpleNamespace(model=SimpleNamespace(train_embeddings=False), training=SimpleNamespace(decay=weight_decay))
     return SimpleNamespace(target_modules=TARGETS, recipe=recipe, device=CPU, calibration=calibration)
 
 
@@ -123,7 +123,7 @@ def test_lora_form_and_foreign_methods_keep_their_tensors(one_rank):
 
 def fora_step(model, method: Fora, seed: int = 0) -> None:
     """One projected AdamW step on a fixed loss; the weights are perturbed first so decay acts."""
-    optimizer = method.build_optimizer(model, SimpleNamespace(lr=0.05, adam_betas=(0.9, 0.99), adam_eps=1e-8, weight_decay=0.5))
+    optimizer = method.build_optimizer(model, SimpleNamespace(lr=0.05, adam_betas=(0.9, 0.99), adam_eps=1e-8, decay=0.5))
     for layer in method.layers.values():
         with torch.no_grad():
             local(layer.base.weight).add_(0.01)

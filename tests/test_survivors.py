@@ -72,7 +72,7 @@ def test_fora_full_form_optimizer_takes_the_recipes_adam_settings():
 
     method = fora("full")
     model = torch.nn.ModuleDict({n: layer for n, layer in method.layers.items()})
-    training = SimpleNamespace(lr=0.25, adam_betas=(0.8, 0.9), adam_eps=3e-4, weight_decay=0.0)
+    training = SimpleNamespace(lr=0.25, adam_betas=(0.8, 0.9), adam_eps=3e-4, decay=0.0)
     group = method.build_optimizer(model, training).param_groups[0]
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.25, (0.8, 0.9), 3e-4, 0.0)
 

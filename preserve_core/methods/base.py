@@ -122,7 +122,7 @@ class Method:
         return [{"params": params, "weight_decay": weight_decay}]
 
     def build_optimizer(self, model: nn.Module, training) -> torch.optim.Optimizer:
-        groups = self.parameter_groups(model, training.weight_decay)
+        groups = self.parameter_groups(model, training.decay)
         return torch.optim.AdamW(groups, lr=training.lr, betas=training.adam_betas, eps=training.adam_eps)
 
     # -- per step -------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ class Folora(Method):
         return wrapper
 
     def build_optimizer(self, model: nn.Module, training) -> torch.optim.Optimizer:
-        groups = self.parameter_groups(model, training.weight_decay)
+        groups = self.parameter_groups(model, training.decay)
         optimizer = GatedAdamW(groups, lr=training.lr, betas=training.adam_betas, eps=training.adam_eps)
         self._set_gates(optimizer)
         return optimizer

@@ -153,7 +153,7 @@ class Fora(Method):
         """Freeze the model, wrap every target linear; in the full form ``W`` (not its bias) trains."""
         model.requires_grad_(False)
         lora = self.options.form == "lora"
-        keep_anchor = not lora and self.ctx.recipe.training.weight_decay > 0
+        keep_anchor = not lora and self.ctx.recipe.training.decay > 0
         shared: dict[str, RightProjector] = {}
         for name in self.ctx.target_modules:
             linear = model.get_submodule(name)
@@ -208,7 +208,7 @@ class Fora(Method):
             )
         self.optimizer = ProjectedAdamW(
             params, lr=training.lr, betas=training.adam_betas, eps=training.adam_eps,
-            weight_decay=training.weight_decay, projectors=projectors, anchors=anchors,
+            weight_decay=training.decay, projectors=projectors, anchors=anchors,
         )  # fmt: skip
         return self.optimizer
 
