@@ -223,11 +223,13 @@ def _train_locked(recipe, accelerator, run_dir: Path, start: ResumePoint | None,
     model = load_model(recipe.model, accelerator.device)
     fingerprint = model_fingerprint(model)
     method, model, regularizers = setup_method(recipe, model, tokenizer, accelerator)
+    dataset, truncation = build_train_dataset(recipe, tokenizer)
+    if start is None and method.init_rows():  # on resume the checkpoint holds what it would set
+        method.init_from_data(model, init_batches(dataset, method.init_rows(), recipe, tokenizer, accelerator.device))
     sharded = settings is not None and accelerator.num_processes > 1
     if sharded:
         model = shard_model(model, accelerator.device, settings, accelerator.mixed_precision)
         method.on_sharded(model)
-    dataset, truncation = build_train_dataset(recipe, tokenizer)
     dataset = regularizers.training_data(method.training_data(dataset))
     eval_set, _ = build_eval_dataset(recipe, tokenizer)
     optimizer = method.build_optimizer(model, recipe.training)
@@ -256,6 +258,15 @@ def _train_locked(recipe, accelerator, run_dir: Path, start: ResumePoint | None,
         result.final_dir = export_final(recipe, accelerator, method, model, tokenizer)
     result.model = model if sharded else unwrap_model(model)
     return result
+
+
+def init_batches(dataset, rows: int, recipe, tokenizer, device):
+    """The first ``rows`` training rows in order, collated ``training.batch_size`` at a time, on ``device``."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = min(rows, len(dataset))
+    for start in range(0, rows, recipe.training.batch_size):
+        features = [dataset[i] for i in range(start, min(start + recipe.training.batch_size, rows))]
+        yield {k: v.to(device) for k, v in collate(features, pad).items()}
 
 
 def _manifest_extra(recipe, fingerprint, model, method, truncation, n_examples, accelerator) -> dict:

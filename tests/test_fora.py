@@ -96,6 +96,64 @@ def test_complement_init_keeps_kaiming_row_norms_inside_the_complement(k):
         torch.testing.assert_close(layer.lora_A.norm(dim=1).double(), a0.norm(dim=1), rtol=1e-5, atol=0)
 
 
+def test_task_gradients_equal_autograd_of_the_dense_weight():
+    """``G = sum_t g_t x_t^T`` from hooks equals autograd's dL/dW of the same linear (float64, from the definition),
+    summed over two batches of a toy model whose loss reads the layer through a nonlinearity."""
+    from preserve_core.methods.fora.init import task_gradients
+
+    torch.manual_seed(0)
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin, self.head = torch.nn.Embedding(9, 6), torch.nn.Linear(6, 4), torch.nn.Linear(4, 9)
+
+        def forward(self, input_ids, labels, use_cache=False):
+            logits = self.head(torch.tanh(self.lin(self.emb(input_ids))))
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            return SimpleNamespace(loss=loss)
+
+    toy = Toy().double()
+    batches = [{"input_ids": torch.randint(0, 9, (3, 5)), "labels": torch.randint(0, 9, (3, 5))} for _ in range(2)]
+    batches[1]["labels"][:, :2] = -100  # unlabelled positions, as a prompt's
+    toy.requires_grad_(False)
+    toy.lin.bias.requires_grad_(True)  # the layer's trainable part (an adapter's factors), as in the LoRA form
+    got = task_gradients(toy, {"lin": toy.lin}, batches)["lin"]
+    assert toy.lin.bias.grad is None, "the gradients it leaves are cleared"
+    toy.lin.weight.requires_grad_(True)
+    sum(toy(**b).loss for b in batches).backward()
+    torch.testing.assert_close(got.double(), toy.lin.weight.grad, atol=1e-6, rtol=1e-5)
+    assert got.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("k", [3, 10])  # 10 of 12: the layer keeps Q's complement
+def test_gradient_init_sets_a_to_the_top_readable_directions_of_the_task_gradient(k):
+    """``init: gradient``: A = the top-r right singular vectors of G P (P from Q and the shrink, built as a
+    matrix in float64 here) at the mean Kaiming row norm, up to each row's sign; B stays 0 (the layer's
+    output is the base's)."""
+    from preserve_core.methods.fora.bases import ForaBases, RightProjector
+
+    n, m, r = 12, 7, 3
+    q = _orthonormal(n, k, 3)
+    empty = {"u1": torch.zeros(m, 0), "u_c": torch.zeros(m, 0), "v_c": torch.zeros(n, 0)}
+    bases = ForaBases(right=RightProjector.smaller_of(q.float()), **empty)
+    torch.manual_seed(7)
+    layer = ForaLinear(torch.nn.Linear(n, m), bases, r=r, alpha=2 * r)
+    size = layer.lora_A.detach().double().norm(dim=1).mean()
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    layer.align_a(g.float())
+    _, _, vh = torch.linalg.svd(g @ (torch.eye(n, dtype=torch.float64) - q @ q.T))
+    readable = min(r, n - k)  # k = 10: G P has rank 2, the third row lies in Q and A' drops it
+    expected = vh[:readable] * size
+    got = layer.lora_A.detach().double()
+    signs = torch.sign((got[:readable] * expected).sum(dim=1, keepdim=True))
+    torch.testing.assert_close(got[:readable] * signs, expected, atol=1e-5, rtol=1e-4)
+    assert (got[:readable] @ q).abs().max() < 1e-5, "A starts inside the readable space"
+    torch.testing.assert_close(got.norm(dim=1), size.expand(r), atol=1e-5, rtol=1e-5)
+    x = torch.randn(2, n)
+    torch.testing.assert_close(layer(x), layer.base(x))
+
+
 @pytest.mark.parametrize("k", [2, 5])  # 5 of 6: the optimizer projects with Q's complement
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_projected_adamw_equals_adam_on_m(weight_decay, k):
@@ -284,6 +342,40 @@ def test_adapter_export_needs_the_full_form_and_a_fixed_q(write_recipe, calibrat
     for method in ({"form": "lora", "export_adapter": True}, {"form": "full", "export_adapter": True, "refresh_every": 2}):
         with pytest.raises(RecipeError, match="export_adapter is for form: full with a fixed Q"):
             load_recipe(fora_recipe(write_recipe, calibration_settings, "bad", method))
+
+
+def test_gradient_init_runs_once_at_set_up_on_the_first_rows_and_not_on_resume(
+    write_recipe, calibration_settings, monkeypatch
+):
+    """init_rows 10 at batch size 4: the engine hands batches of 4, 4, 2 rows before the first step, and a
+    resumed run does not (its A comes from the checkpoint: resume is exact); form: full refuses init."""
+    from preserve_core.errors import RecipeError
+    from preserve_core.methods.fora.method import Fora
+
+    seen: list[list[int]] = []
+    original = Fora.init_from_data
+
+    def spy(self, model, batches):
+        batches = list(batches)
+        seen.append([len(b["input_ids"]) for b in batches])
+        assert all(p.grad is None for p in model.parameters()), "before any step"
+        return original(self, model, batches)
+
+    monkeypatch.setattr(Fora, "init_from_data", spy)
+    method = {"init": "gradient", "init_rows": 10, "dropout": 0.1}
+    common = {"max_steps": 6, "save_every": 3, "keep_last": 5, "batch_size": 4}
+    straight = run_recipe(fora_recipe(write_recipe, calibration_settings, "gi-straight", method, **common))
+    assert seen == [[4, 4, 2]]
+    interrupted = fora_recipe(write_recipe, calibration_settings, "gi-resumed", method, **common)
+    first = run_recipe(interrupted)
+    shutil.rmtree(first.run_dir / "final")
+    shutil.rmtree(list_checkpoints(first.run_dir)[-1])
+    resumed = run_recipe(interrupted, resume=True)
+    assert seen == [[4, 4, 2]] * 2, "not again on resume"
+    a, b = (load_file(next(r.final_dir.glob("*.safetensors"))) for r in (straight, resumed))
+    assert_same_tensors(a, b, atol=1e-6)
+    with pytest.raises(RecipeError, match="init: gradient sets the LoRA form's A; form: full has none"):
+        load_recipe(fora_recipe(write_recipe, calibration_settings, "gi-full", {"form": "full", "init": "gradient"}))
 
 
 @pytest.mark.parametrize(

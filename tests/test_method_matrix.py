@@ -24,6 +24,7 @@ MATRIX = [
     {"name": "lora", "r": 2, "alpha": 4},
     {"name": "fora", "form": "lora", "r": 2, "alpha": 4, "u_rank": 2, "spectral_size": 2},
     {"name": "fora", "form": "lora", "r": 2, "alpha": 4, "residual_shrink": 100.0},
+    {"name": "fora", "form": "lora", "r": 2, "alpha": 4, "residual_shrink": 100.0, "init": "gradient", "init_rows": 8},
     {"name": "fora", "form": "full", "residual_shrink": 100.0},
     {"name": "folora", "r": 2, "alpha": 4, "step": "shrink"},
     {"name": "folora", "r": 2, "alpha": 4, "refresh_every": 2, "refresh_preserve": True, "refresh_samples": 4},

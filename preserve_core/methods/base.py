@@ -117,6 +117,15 @@ class Method:
         """The data set the engine batches from (a ``datasets.Dataset`` of tokenized rows)."""
         return dataset
 
+    def init_rows(self) -> int:
+        """Training rows :meth:`init_from_data` reads at set-up (0: none, the default)."""
+        return 0
+
+    def init_from_data(self, model: nn.Module, batches) -> None:
+        """Set initial parameters from the first ``init_rows()`` training rows (an iterable of collated batches
+        on the device), after :meth:`prepare_model` and before sharding and the optimizer; not on resume."""
+        return None
+
     def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         params = [p for p in model.parameters() if p.requires_grad]
         return [{"params": params, "weight_decay": weight_decay}]

@@ -25,6 +25,7 @@ from ...sharding import full, like
 from ..adapter_export import save_lora_factors_as_peft
 from ..base import PRESERVE_STATS, Method, MethodOptions
 from .bases import RightProjector, compute_bases, input_projector, orthonormal_complement
+from .init import task_gradients
 from .layer import ForaLinear
 from .optim import LOW_PRECISION, ProjectedAdamW
 from .refresh import current_projectors
@@ -41,11 +42,17 @@ class ForaOptions(MethodOptions):
     r: int = Field(8, gt=0, description="LoRA rank (form: lora).")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator: M = (alpha / r) B A (form: lora).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch's input (form: lora).")
-    init: Literal["kaiming", "complement"] = Field(
+    init: Literal["kaiming", "complement", "gradient"] = Field(
         "kaiming",
-        description="form: lora, A's initial rows: PEFT's Kaiming-uniform (kaiming), or those rows projected onto "
-        "the complement of Q and rescaled to their Kaiming norm (complement, ours).",
+        description="form: lora, A's initial rows: PEFT's Kaiming-uniform (kaiming); those rows projected onto "
+        "the complement of Q and rescaled to their Kaiming norm (complement, ours); or the top right singular "
+        "vectors of the task gradient FORA lets A read, G P, over the first init_rows training rows, at "
+        "Kaiming's row norm (gradient, ours; B stays 0, so the model starts as the base).",
     )
+    init_rows: int = Field(
+        128, gt=0, le=10**7, description="init: gradient: training rows (from the start of the data) whose "
+        "summed task gradient sets A; one forward and backward each, batched like training, at set-up only.",
+    )  # fmt: skip
     source: Literal["activation", "weight"] = Field(
         "activation",
         description="Q from the top eigenvectors of C_p (activation) or the top right singular vectors of W (weight).",
@@ -117,6 +124,12 @@ class ForaOptions(MethodOptions):
         return self
 
     @model_validator(mode="after")
+    def _init_is_for_the_lora_form(self):
+        if self.init != "kaiming" and self.form != "lora":
+            raise ValueError(f"init: {self.init} sets the LoRA form's A; form: full has none (remove init)")
+        return self
+
+    @model_validator(mode="after")
     def _refresh_needs_full_form(self):
         if self.residual_shrink and (self.source != "activation" or self.refresh_every):
             raise ValueError("residual_shrink reads the eigenvalues of C_p: it needs source: activation and a fixed Q "
@@ -172,6 +185,15 @@ class Fora(Method):
             for name, layer in self.layers.items():
                 self.w0_complement[name] = (layer.base.weight.detach().float() @ complements.of(layer)).cpu()
         return model
+
+    def init_rows(self) -> int:
+        return self.options.init_rows if self.options.init == "gradient" else 0
+
+    def init_from_data(self, model: nn.Module, batches) -> None:
+        """``init: gradient``: each layer's A along its readable task gradient (:mod:`.init`)."""
+        grads = task_gradients(model, self.layers, batches)
+        for name, layer in self.layers.items():
+            layer.align_a(grads.pop(name))
 
     def on_sharded(self, model: nn.Module) -> None:
         """FSDP: the decay anchors ``W_0`` are split by rows like their (now sharded) weights."""
