@@ -7,7 +7,7 @@ the optimizer is built, each ``ForaLinear``'s accumulated task gradient of the d
 ``GRAD_INIT_ROWS`` training rows, ``G = sum_t dL/dy_t x_t^T`` [m, n], is taken through the layer's own input
 projector (``G P``: Q removed, the shrink applied), and ``A``'s rows become its top-r right singular vectors,
 each at the mean Kaiming row norm of the ``A`` it replaces. ``B`` stays 0: the model is unchanged at step 0 and
-the adapter still exports as a stock PEFT LoRA (cf. LoRA-GA, LoRA-One, which also set ``B`` and move ``W_0``).
+the adapter still exports as a stock PEFT LoRA (cf. LoRA-GA, LoRA-One, which set ``B`` from the gradient too).
 
     GRAD_INIT_ROWS=128 python scripts/research/grad_init_probe.py scripts/research/h71_grad_init_rotate.yaml
 """

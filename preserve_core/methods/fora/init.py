@@ -11,8 +11,8 @@ the model is the base), for each target layer::
     A   = a V[:, :r]^T           # [r, n]; a: the mean row norm of the Kaiming A it replaces
 
 so ``dL/dB = (alpha / r) G P A^T`` is as large as r rows of that size can make it: ``B``'s first steps
-move along what the task needs and FORA lets it read. ``B`` stays 0 (LoRA-GA and LoRA-One also set ``B``
-and subtract it from ``W_0``): the base is untouched and the adapter exports as a stock PEFT LoRA.
+move along what the task needs and FORA lets it read. ``B`` stays 0 (LoRA-GA and LoRA-One set ``B`` from the
+gradient too; LoRA-GA then shifts ``W_0``): the base is untouched and the adapter exports as a stock PEFT LoRA.
 """
 
 from __future__ import annotations
