@@ -175,6 +175,12 @@ def tokenize_rows(rows, tokenizer, cfg: DataConfig, context: int | None = None, 
     return datasets.Dataset.from_dict(out), report
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id padding uses: the tokenizer's pad token, else its EOS, else 0."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad) if pad is not None else 0
+
+
 def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row: ``input_ids``, ``attention_mask``, ``labels`` of shape [B, T]."""
     width = max(len(f["input_ids"]) for f in features)

@@ -23,7 +23,9 @@ from torch.nn.utils import get_total_norm
 
 from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .checkpoint_integrity import newest_intact
-from .data import build_eval_dataset, build_train_dataset, check_packing_support, collate, data_fingerprint, pack
+from .data import (
+    build_eval_dataset, build_train_dataset, check_packing_support, collate, data_fingerprint, pack, pad_id_of,
+)  # fmt: skip
 from .errors import PPFTError, RecipeError, TrainingDiverged
 from .guards import (
     STOP_INTERRUPT,
@@ -262,7 +264,7 @@ def _train_locked(recipe, accelerator, run_dir: Path, start: ResumePoint | None,
 
 def init_batches(dataset, rows: int, recipe, tokenizer, device):
     """The first ``rows`` training rows in order, collated ``training.batch_size`` at a time, on ``device``."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id_of(tokenizer)  # as the training stream pads
     rows = min(rows, len(dataset))
     for start in range(0, rows, recipe.training.batch_size):
         features = [dataset[i] for i in range(start, min(start + recipe.training.batch_size, rows))]
@@ -311,7 +313,7 @@ class TrainingLoop:
         self.recipe, self.cfg = recipe, recipe.training
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.method, self.tokenizer, self.eval_set, self.log, self.state = method, tokenizer, eval_set, log, state
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_id_of(tokenizer)
         rank, world = accelerator.process_index, accelerator.num_processes
         if recipe.data.packing:
             check_packing_support(unwrap_model(model), len(tokenizer))

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from preserve_core.data import pad_id_of
 from preserve_core.errors import RecipeError
 from preserve_core.evaluation import rows, suite
 from preserve_core.evaluation.rows import (
@@ -29,7 +30,6 @@ from preserve_core.evaluation.scoring import (
     eval_mode,
     length_batches,
     model_logits,
-    pad_id_of,
     right_pad,
 )
 from preserve_core.evaluation.suite import check_unique_names, evaluate_suite, retention_metrics

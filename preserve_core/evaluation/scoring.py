@@ -26,11 +26,6 @@ def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-def pad_id_of(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad) if pad is not None else 0
-
-
 def length_batches(sequences: list[list[int]], batch_size: int) -> Iterator[list[int]]:
     """Indices in batches of similar length (longest first)."""
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))

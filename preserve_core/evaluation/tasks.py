@@ -9,13 +9,13 @@ import time
 
 import torch
 
-from ..data import encode_prompt_completion, encode_text
+from ..data import encode_prompt_completion, encode_text, pad_id_of
 from ..errors import RecipeError
 from ..recipe_schema import EvalTask
 from ..report import TaskResult, binomial_stderr
 from .generation import greedy_generate
 from .rows import cached_encoding, encode_plain, encode_prompt, load_task_rows, require_columns
-from .scoring import base_logits, kl_per_token, model_logits, pad_id_of, token_logprobs
+from .scoring import base_logits, kl_per_token, model_logits, token_logprobs
 
 MAX_SAMPLES = 20  # examples kept in a result for the report
 
