@@ -517,3 +517,69 @@ def test_full_task_shrinkage_ranks_directions_by_least_preserve_energy():
     method.options.task_shrinkage = 0.0  # the spec: the best ratio 3 / 1 (r_1, preserve energy 1) comes first
     top = method._solve("layer.q", c_t, c_p)[0].vectors[:, 0]
     assert abs(float(top @ rot[:, 1])) / float(top.norm()) > 0.99
+
+
+# -- init: gradient -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [7, 2])  # 2 < r: two rows are aligned, the third keeps its random start
+def test_gradient_init_points_a_tilde_at_the_readable_task_gradient(m):
+    """``align_a_tilde``: ``A~ = c Vh diag(d)`` with ``Vh`` the top right singular vectors of ``G V diag(d)``
+    (float64 here, from the definition), ``c`` giving ``A = A~ V^T`` the random start's mean row norm; closed
+    columns (d = 0) stay 0, and ``B = 0`` keeps the layer's output the base's."""
+    n, k, r = 9, 6, 3
+    g = torch.Generator().manual_seed(5)
+    vectors = torch.randn(n, k, generator=g, dtype=torch.float64)  # any basis: V need not be orthonormal
+    d = torch.tensor([1.5, 0.0, 0.7, 0.2, 0.0, 1.1], dtype=torch.float64)  # gate times step scale
+    torch.manual_seed(2)
+    layer = FoloraLinear(nn.Linear(n, m), vectors.float(), r=r, alpha=2 * r, dropout=0.0, init_std=0.3)
+    start = layer.lora_A_tilde.detach().double().clone()
+    size = (start @ vectors.T).norm(dim=1).mean()
+    grad = torch.randn(m, n, generator=g, dtype=torch.float64)
+    layer.align_a_tilde(grad.float(), d.float())
+    _, _, vh = torch.linalg.svd((grad @ vectors) * d, full_matrices=False)
+    aligned = min(r, m)
+    rows = vh[:aligned] * d
+    expected = rows * size / (rows @ vectors.T).norm(dim=1).mean()
+    got = layer.lora_A_tilde.detach().double()
+    signs = torch.sign((got[:aligned] * expected).sum(dim=1, keepdim=True))
+    torch.testing.assert_close(got[:aligned] * signs, expected, atol=1e-5, rtol=1e-4)
+    assert got[:aligned, [1, 4]].abs().max() == 0, "closed columns start at 0"
+    torch.testing.assert_close(got[aligned:], start[aligned:], atol=0, rtol=0)
+    if m == 7:
+        torch.testing.assert_close((got @ vectors.T).norm(dim=1).mean(), size, atol=1e-5, rtol=1e-5)
+    x = torch.randn(2, n)
+    torch.testing.assert_close(layer(x), layer.base_layer(x))
+
+
+def test_gradient_init_runs_at_set_up_with_each_layers_gate_and_resumes_exactly(write_recipe, monkeypatch):
+    """``init: gradient`` through the engine: ``A~`` at the optimizer's build is 0 on every column the hard gate
+    closes (the random start, ``init_gated: false``, is not), and a resumed run ends where a straight one does
+    (set-up runs again, the checkpoint's ``A~`` replaces its start)."""
+    seen = []
+    original = Folora.build_optimizer
+
+    def capture(self, model, training):
+        optimizer = original(self, model, training)
+        a_tilde = {name: w.lora_A_tilde.detach().clone() for name, w in self.wrappers.items()}
+        seen.append((a_tilde, {name: optimizer.gate(w.lora_A_tilde).clone() for name, w in self.wrappers.items()}))
+        return optimizer
+
+    monkeypatch.setattr(Folora, "build_optimizer", capture)
+    method = {"gate": "hard", "gamma_quantile": 0.5, "init_rows": 6}
+    common = {"max_steps": 6, "save_every": 3, "keep_last": 5, "lr": 2e-2, "batch_size": 4}
+    run(folora_recipe(write_recipe, "gi-random", method, training=common))
+    straight = run(folora_recipe(write_recipe, "gi-straight", {**method, "init": "gradient"}, training=common))
+    (random_start, gates), (aligned, _) = seen
+    for name, gate in gates.items():
+        closed = gate == 0
+        assert 0 < int(closed.sum()) < gate.numel()
+        assert random_start[name][:, closed].abs().max() > 0
+        assert aligned[name][:, closed].abs().max() == 0, name
+        assert not torch.allclose(aligned[name], random_start[name])
+    interrupted = folora_recipe(write_recipe, "gi-resumed", {**method, "init": "gradient"}, training=common)
+    first = run(interrupted)
+    rewind_to_previous_checkpoint(first.run_dir)
+    run(interrupted, resume=True)
+    assert len(seen) == 4, "set-up of the resumed run builds the optimizer again"
+    assert_same_final_adapter(straight.run_dir, first.run_dir, atol=1e-6)

@@ -99,7 +99,7 @@ def test_complement_init_keeps_kaiming_row_norms_inside_the_complement(k):
 def test_task_gradients_equal_autograd_of_the_dense_weight():
     """``G = sum_t g_t x_t^T`` from hooks equals autograd's dL/dW of the same linear (float64, from the definition),
     summed over two batches of a toy model whose loss reads the layer through a nonlinearity."""
-    from preserve_core.methods.fora.init import task_gradients
+    from preserve_core.methods.gradient_init import task_gradients
 
     torch.manual_seed(0)
 

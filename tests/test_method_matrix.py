@@ -27,6 +27,7 @@ MATRIX = [
     {"name": "fora", "form": "lora", "r": 2, "alpha": 4, "residual_shrink": 100.0, "init": "gradient", "init_rows": 8},
     {"name": "fora", "form": "full", "residual_shrink": 100.0},
     {"name": "folora", "r": 2, "alpha": 4, "step": "shrink"},
+    {"name": "folora", "r": 2, "alpha": 4, "step": "shrink", "gate": "hard", "init": "gradient", "init_rows": 8},
     {"name": "folora", "r": 2, "alpha": 4, "refresh_every": 2, "refresh_preserve": True, "refresh_samples": 4},
     {"name": "folora", "r": 2, "alpha": 4, "task_shrinkage": 0.5, "step": "euclidean", "gate": "hard"},
     {"name": "fora", "form": "full", "u_rank": 2},

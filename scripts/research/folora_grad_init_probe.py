@@ -3,12 +3,15 @@
 
 FoLoRA's ``A = A~ V_K^T`` and its gated Adam moves column i of ``A~`` by ``d_i = gate_i * step_scale_i`` per
 unit step. Over the first ``GRAD_INIT_ROWS`` training rows the task gradient of each dense weight ``G`` [m, n]
-is summed (``preserve_core.methods.fora.init.task_gradients``); ``M = G V_K diag(d)`` [m, K] is what ``B``'s
+is summed (``preserve_core.methods.gradient_init.task_gradients``); ``M = G V_K diag(d)`` [m, K] is what ``B``'s
 gradient can reach through ``A~``'s moves, and ``A~ = c Vh_r diag(d)`` with ``Vh_r`` its top-r right singular
 vectors: the random ``A~ = init_std * randn * d`` (``init_gated``) with its random rows replaced by aligned
 ones, ``c`` so that ``A``'s mean row norm is the random one's. ``B`` stays 0.
 
     GRAD_INIT_ROWS=128 python scripts/research/folora_grad_init_probe.py scripts/research/h76_folora_grad_init_rotate.yaml
+
+``GATE_FLOOR_R=1`` (h80b): the hard gate opens at least ``r`` directions of each layer input (the top ``r`` by
+lambda when fewer than ``r`` pass ``gamma``): a rank-r ``A = A~ V_K^T`` with fewer open columns has rank below r.
 """
 
 from __future__ import annotations
@@ -20,11 +23,22 @@ import torch
 
 from preserve_core.methods.base import Method
 from preserve_core.methods.folora.method import Folora
-from preserve_core.methods.fora.init import task_gradients
+from preserve_core.methods.gradient_init import task_gradients
 from preserve_core.training import init_batches
 
 ROWS = int(os.environ.get("GRAD_INIT_ROWS", "128"))
+FLOOR_R = os.environ.get("GATE_FLOOR_R") == "1"
 _prepare = Folora.prepare_model
+_gate = Folora._gate
+
+
+def floored_gate(self, key):
+    gate = _gate(self, key)
+    if self.options.gate == "hard" and int(gate.sum()) < self.options.r:
+        top = torch.argsort(self.values[key].double(), descending=True)[: self.options.r]
+        gate = gate.clone()
+        gate[top.to(gate.device)] = 1.0
+    return gate
 
 
 def prepare_model(self, model):
@@ -51,6 +65,8 @@ def training_data(self, dataset):
 
 
 Folora.prepare_model = prepare_model
+if FLOOR_R:
+    Folora._gate = floored_gate
 Method.training_data = training_data
 
 if __name__ == "__main__":

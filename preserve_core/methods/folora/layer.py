@@ -48,6 +48,21 @@ class FoloraLinear(nn.Module):
         """``A = A~ V_K^T``, float32 [r, n]."""
         return self.lora_A_tilde @ self.basis.T
 
+    @torch.no_grad()
+    def align_a_tilde(self, task_grad: torch.Tensor, column_steps: torch.Tensor) -> None:
+        """``init: gradient``: ``A~ <- c Vh_r diag(d)`` with ``Vh_r`` the top-r right singular vectors of
+        ``G V_K diag(d)`` (``task_grad = G`` [m, n], ``column_steps = d`` [K], each column's step: gate times
+        step scale), ``c`` so that ``A``'s mean row norm is the random ``A``'s it replaces.
+
+        ``dL/dB = (alpha / r) G V_K A~^T = (alpha / r) c U_r S_r`` is then as large as the columns the gated
+        Adam moves allow. With ``min(m, K) < r`` the remaining rows stay random."""
+        d = column_steps.to(self.basis)
+        _, _, vh = torch.linalg.svd((task_grad.to(self.basis) @ self.basis) * d, full_matrices=False)
+        k = min(self.lora_A_tilde.shape[0], vh.shape[0])
+        aligned = vh[:k] * d
+        size = self.lora_A().norm(dim=1).mean() / (aligned @ self.basis.T).norm(dim=1).mean().clamp_min(1e-30)
+        self.lora_A_tilde[:k].copy_(aligned * size)
+
     def delta_weight(self) -> torch.Tensor:
         """``dW = (alpha / r) B A``, float32 [m, n]."""
         return self.scaling * (self.lora_B @ self.lora_A())

@@ -36,6 +36,7 @@ from .basis import (
 from .layer import FoloraLinear, attach_disable_adapter, default_init_std, install, plain_linears
 from .refresh import TaskWindow, in_window, mix_estimate
 from ...sharding import local
+from ..gradient_init import task_gradients
 from .gated_adam import GatedAdamW, unwrap_optimizer
 
 
@@ -79,6 +80,16 @@ class FoloraOptions(MethodOptions):
         "None: where lambda >= gamma.",
     )
     temperature: float = Field(1.0, gt=0, description="temperature gate: T (1 equals soft, towards 0 hard).")
+    init: Literal["random", "gradient"] = Field(
+        "random",
+        description="A~'s initial rows: random normal (the spec), or (ours) the top right singular vectors of "
+        "G V_K diag(d), G the dense weight's task gradient over the first init_rows training rows and d each "
+        "column's step (gate times step scale), times d, at the random A's mean row norm; B stays 0.",
+    )
+    init_rows: int = Field(
+        128, gt=0, le=10**7, description="init: gradient: training rows (from the start of the data) whose "
+        "summed task gradient sets A~; one forward and backward each, batched like training, at set-up only.",
+    )  # fmt: skip
     init_gated: bool = Field(
         False, description="Scale A~'s random initial columns by their step-0 gate (ours; the spec: plain random)."
     )
@@ -212,6 +223,18 @@ class Folora(Method):
             if o.init_gated:
                 wrapper.lora_A_tilde.mul_(self._gate(key).to(wrapper.lora_A_tilde.device))
         return wrapper
+
+    def init_rows(self) -> int:
+        return self.options.init_rows if self.options.init == "gradient" else 0
+
+    def init_from_data(self, model: nn.Module, batches) -> None:
+        """``init: gradient``: each layer's ``A~`` along the task gradient its open columns can read
+        (:meth:`FoloraLinear.align_a_tilde`; ``G`` from :func:`..gradient_init.task_gradients`)."""
+        grads = task_gradients(model, self.wrappers, batches)
+        for key, names in self.names_by_key.items():
+            steps = self._gate(key) * self.step_scales[key]
+            for name in names:
+                self.wrappers[name].align_a_tilde(grads.pop(name), steps)
 
     def build_optimizer(self, model: nn.Module, training) -> torch.optim.Optimizer:
         groups = self.parameter_groups(model, training.decay)

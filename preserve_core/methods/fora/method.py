@@ -25,7 +25,7 @@ from ...sharding import full, like
 from ..adapter_export import save_lora_factors_as_peft
 from ..base import PRESERVE_STATS, Method, MethodOptions
 from .bases import RightProjector, compute_bases, input_projector, orthonormal_complement
-from .init import task_gradients
+from ..gradient_init import task_gradients
 from .layer import ForaLinear
 from .optim import LOW_PRECISION, ProjectedAdamW
 from .refresh import current_projectors
