@@ -129,3 +129,30 @@ def test_greedy_generate_batches_by_length_and_restores_the_order(monkeypatch):
     monkeypatch.setattr(generation, "generate_batch", lambda *a: ["only one"])
     with pytest.raises(ValueError):  # a batch answering for fewer prompts is an error, not a silent shift
         greedy_generate("m", "t", prompts, 5, [], batch_size=2)
+
+
+@pytest.mark.parametrize(("pad", "eos", "expected_pad"), [(0, 2, 0), (None, 2, 2), (None, None, 0)])
+def test_generate_batch_pads_on_the_left_with_the_tokenizers_pad_else_eos_else_0(pad, eos, expected_pad):
+    """Prompts [7, 8, 9] and [5] are left-padded with the pad id (a tokenizer with neither pad nor EOS pads
+    with 0, as training does, instead of failing); the new tokens from the first EOS on are cut."""
+
+    class FakeModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen = {}
+
+        def generate(self, input_ids, attention_mask, generation_config, stopping_criteria):
+            self.seen.update(ids=input_ids, mask=attention_mask, pad=generation_config.pad_token_id)
+            new = torch.tensor([[3, 4, 2, 5], [6, 6, 6, 6]])  # "ab" EOS "c"; "dddd"
+            return torch.cat([input_ids, new], dim=1)
+
+    tok = CharTok()
+    tok.pad_token_id, tok.eos_token_id = pad, eos
+    model = FakeModel()
+    out = generation.generate_batch(model, tok, [[7, 8, 9], [5]], 4, [])
+    p = expected_pad
+    assert model.seen["ids"].tolist() == [[7, 8, 9], [p, p, 5]]
+    assert model.seen["mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert model.seen["pad"] == p
+    assert out == (["ab", "dddd"] if eos == 2 else ["abc", "dddd"])  # no EOS id: nothing is cut (2 decodes to "")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from ..data import pad_id_of
+
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids [B, T], attention_mask [B, T])``, padding on the left to the longest row."""
@@ -80,7 +82,7 @@ def _strip_after_eos(row: list[int], eos: set[int]) -> list[int]:
 def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stops: list[str]) -> list[str]:
     """Greedy continuations of one batch of token-id prompts, decoded and cut at the stop strings."""
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)  # masked on the left; after an EOS, cut by _strip_after_eos
     eos = eos_ids(model, tokenizer)
     input_ids, mask = left_pad(prompts, pad_id)
     config = GenerationConfig(
