@@ -219,7 +219,8 @@ class CalibrationConfig(StrictModel):
         description="Most GB (1e9 bytes) the statistics' running sums may hold on the device at once; when all "
         "layer inputs' sums need more, the inputs are split into groups, one pass over the calibration data per "
         "group (each stopping after its group's last layer). None: 3/4 of the free GPU memory on CUDA, no limit "
-        "elsewhere. Same statistics whatever the value (not part of the calibration identity).",
+        "elsewhere. Same statistics whatever the value (not part of the calibration identity). Also bounds the "
+        "float32 task gradients of method init: gradient (one forward and backward of its rows per group).",
     )
     fisher_samples: int = Field(256, gt=0, description="Preserve sequences for the EWC Fisher.")
     kl_topk: int = Field(32, gt=0, description="Top-k base log-probs cached for the kl method.")

@@ -118,12 +118,48 @@ def test_task_gradients_equal_autograd_of_the_dense_weight():
     batches[1]["labels"][:, :2] = -100  # unlabelled positions, as a prompt's
     toy.requires_grad_(False)
     toy.lin.bias.requires_grad_(True)  # the layer's trainable part (an adapter's factors), as in the LoRA form
-    got = task_gradients(toy, {"lin": toy.lin}, batches)["lin"]
+    got = dict(task_gradients(toy, {"lin": toy.lin}, batches))["lin"]
     assert toy.lin.bias.grad is None, "the gradients it leaves are cleared"
     toy.lin.weight.requires_grad_(True)
     sum(toy(**b).loss for b in batches).backward()
     torch.testing.assert_close(got.double(), toy.lin.weight.grad, atol=1e-6, rtol=1e-5)
     assert got.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("budget", "passes"), [(None, 1), (4 * 24, 3), (4 * (24 + 16), 2), (10, 3)])
+def test_task_gradients_in_groups_under_a_budget_hold_the_same_sums(budget, passes):
+    """Three linears of 24, 16 and 36 float32 entries: a budget of 96 bytes (24 entries) runs one group per
+    layer, 160 bytes (40) groups the first two, and one below any layer still runs each alone; every layer's
+    ``G`` equals autograd's dL/dW (float64, from the definition) whatever the grouping."""
+    from preserve_core.methods.gradient_init import layer_groups, task_gradients
+
+    torch.manual_seed(1)
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(9, 6)
+            self.a, self.b, self.c = torch.nn.Linear(6, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 9)
+            self.forwards = 0
+
+        def forward(self, input_ids, labels, use_cache=False):
+            self.forwards += 1
+            logits = self.c(torch.tanh(self.b(torch.tanh(self.a(self.emb(input_ids))))))
+            return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()))
+
+    toy = Toy().double()
+    batches = [{"input_ids": torch.randint(0, 9, (2, 5)), "labels": torch.randint(0, 9, (2, 5))} for _ in range(2)]
+    layers = {"a": toy.a, "b": toy.b, "c": toy.c}
+    toy.requires_grad_(False)
+    toy.a.bias.requires_grad_(True)
+    groups = {None: [["a", "b", "c"]], 96: [["a"], ["b"], ["c"]], 160: [["a", "b"], ["c"]], 10: [["a"], ["b"], ["c"]]}
+    assert layer_groups(layers, budget) == groups[budget]
+    got = dict(task_gradients(toy, layers, iter(batches), budget))  # a one-shot iterable is read once
+    assert toy.forwards == passes * len(batches)
+    toy.requires_grad_(True)
+    sum(toy(**b).loss for b in batches).backward()
+    for name, layer in layers.items():
+        torch.testing.assert_close(got[name].double(), layer.weight.grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("k", [3, 10])  # 10 of 12: the layer keeps Q's complement
@@ -348,7 +384,8 @@ def test_gradient_init_runs_once_at_set_up_on_the_first_rows_and_not_on_resume(
     write_recipe, calibration_settings, monkeypatch
 ):
     """init_rows 10 at batch size 4: the engine hands batches of 4, 4, 2 rows before the first step, and a
-    resumed run does not (its A comes from the checkpoint: resume is exact); form: full refuses init."""
+    resumed run does not (its A comes from the checkpoint: resume is exact); a memory budget that takes the
+    layers' G one at a time ends bit for bit where one pass does; form: full refuses init."""
     from preserve_core.errors import RecipeError
     from preserve_core.methods.fora.method import Fora
 
@@ -374,6 +411,11 @@ def test_gradient_init_runs_once_at_set_up_on_the_first_rows_and_not_on_resume(
     assert seen == [[4, 4, 2]] * 2, "not again on resume"
     a, b = (load_file(next(r.final_dir.glob("*.safetensors"))) for r in (straight, resumed))
     assert_same_tensors(a, b, atol=1e-6)
+    budgeted = dict(calibration_settings, stats_memory_gb=1e-9)  # every layer's G alone: 28 passes
+    grouped = run_recipe(fora_recipe(write_recipe, budgeted, "gi-grouped", method, **common))
+    assert seen[-1] == [4, 4, 2]
+    c = load_file(next(grouped.final_dir.glob("*.safetensors")))
+    assert_same_tensors(a, c, atol=0)
     with pytest.raises(RecipeError, match="init: gradient sets the LoRA form's A; form: full has none"):
         load_recipe(fora_recipe(write_recipe, calibration_settings, "gi-full", {"form": "full", "init": "gradient"}))
 

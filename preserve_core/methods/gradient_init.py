@@ -22,37 +22,80 @@ is untouched and the adapter exports as a stock PEFT LoRA.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 
-def task_gradients(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[dict]) -> dict[str, torch.Tensor]:
-    """``G = sum_t g_t x_t^T`` [out, in] (float32) for each of ``layers`` over every token of ``batches``.
+def layer_groups(layers: dict[str, nn.Module], budget_bytes: int | None) -> list[list[str]]:
+    """``layers``' names in order, cut into consecutive groups whose float32 ``G`` fit in ``budget_bytes``
+    together (a layer larger than the budget is a group alone); one group without a budget."""
+    groups: list[list[str]] = [[]]
+    held = 0
+    for name, layer in layers.items():
+        size = layer.weight.numel() * 4
+        if budget_bytes is not None and groups[-1] and held + size > budget_bytes:
+            groups.append([])
+            held = 0
+        groups[-1].append(name)
+        held += size
+    return groups if groups[0] else []
+
+
+def task_gradients(
+    model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[dict], budget_bytes: int | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, G = sum_t g_t x_t^T)`` [out, in] (float32) for each of ``layers`` over every token of ``batches``.
 
     The loss is the engine's (``model(**batch).loss``, the mean over the batch's labelled tokens), summed
-    over batches; parameter gradients it leaves are cleared.
+    over batches, with every module in eval mode (no dropout: no random draw, so the run that follows does
+    not depend on how many passes this took; each module's mode is restored). The layers are taken in the
+    groups of :func:`layer_groups`, one forward and backward of every batch per group, so at most
+    ``budget_bytes`` of ``G`` (or one layer's) are held at once if the caller drops each before asking for
+    the next; a layer's ``G`` does not depend on the grouping. Parameter gradients it leaves are cleared.
     """
-    grads = {name: torch.zeros_like(layer.weight, dtype=torch.float32) for name, layer in layers.items()}
+    batches = list(batches)
+    with _eval_mode(model):
+        yield from _grouped_gradients(model, layers, batches, budget_bytes)
 
-    def tap(name: str):
-        def hook(module, args, output):
-            x = args[0].detach()
 
-            def add(g: torch.Tensor) -> None:
-                grads[name].addmm_(g.reshape(-1, g.shape[-1]).T.float(), x.reshape(-1, x.shape[-1]).float())
-
-            output.register_hook(add)
-
-        return hook
-
-    handles = [layer.register_forward_hook(tap(name)) for name, layer in layers.items()]
+@contextmanager
+def _eval_mode(model: nn.Module):
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
     try:
-        for batch in batches:
-            model(**batch, use_cache=False).loss.backward()
+        yield
     finally:
-        for handle in handles:
-            handle.remove()
-        model.zero_grad(set_to_none=True)
-    return grads
+        for module, mode in modes:
+            module.training = mode
+
+
+def _grouped_gradients(model, layers, batches, budget_bytes):
+    for group in layer_groups(layers, budget_bytes):
+        grads = {name: torch.zeros_like(layers[name].weight, dtype=torch.float32) for name in group}
+        handles = [layers[name].register_forward_hook(_tap(grads[name])) for name in group]
+        try:
+            for batch in batches:
+                model(**batch, use_cache=False).loss.backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.zero_grad(set_to_none=True)
+        for name in group:
+            yield name, grads.pop(name)
+
+
+def _tap(grad_sum: torch.Tensor):
+    """A forward hook adding ``g^T x`` of every token into ``grad_sum`` [out, in] when the backward reaches it."""
+
+    def hook(module, args, output):
+        x = args[0].detach()
+
+        def add(g: torch.Tensor) -> None:
+            grad_sum.addmm_(g.reshape(-1, g.shape[-1]).T.float(), x.reshape(-1, x.shape[-1]).float())
+
+        output.register_hook(add)
+
+    return hook

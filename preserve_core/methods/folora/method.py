@@ -230,11 +230,11 @@ class Folora(Method):
     def init_from_data(self, model: nn.Module, batches) -> None:
         """``init: gradient``: each layer's ``A~`` along the task gradient its open columns can read
         (:meth:`FoloraLinear.align_a_tilde`; ``G`` from :func:`..gradient_init.task_gradients`)."""
-        grads = task_gradients(model, self.wrappers, batches)
-        for key, names in self.names_by_key.items():
-            steps = self._gate(key) * self.step_scales[key]
-            for name in names:
-                self.wrappers[name].align_a_tilde(grads.pop(name), steps)
+        steps = {key: self._gate(key) * self.step_scales[key] for key in self.names_by_key}
+        budget = stats_budget_bytes(self.ctx.recipe.calibration.stats_memory_gb, self.ctx.device)
+        for name, grad in task_gradients(model, self.wrappers, batches, budget):
+            self.wrappers[name].align_a_tilde(grad, steps[self.ctx.calibration.input_key(name)])
+            del grad
 
     def build_optimizer(self, model: nn.Module, training) -> torch.optim.Optimizer:
         groups = self.parameter_groups(model, training.decay)

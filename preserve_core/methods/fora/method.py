@@ -191,9 +191,10 @@ class Fora(Method):
 
     def init_from_data(self, model: nn.Module, batches) -> None:
         """``init: gradient``: each layer's A along its readable task gradient (:mod:`.init`)."""
-        grads = task_gradients(model, self.layers, batches)
-        for name, layer in self.layers.items():
-            layer.align_a(grads.pop(name))
+        budget = stats_budget_bytes(self.ctx.recipe.calibration.stats_memory_gb, self.ctx.device)
+        for name, grad in task_gradients(model, self.layers, batches, budget):
+            self.layers[name].align_a(grad)
+            del grad
 
     def on_sharded(self, model: nn.Module) -> None:
         """FSDP: the decay anchors ``W_0`` are split by rows like their (now sharded) weights."""
