@@ -48,6 +48,7 @@ bench: setup
 	$(PY) bench/bench_memory.py --layers 1 --out bench/results/memory.json
 	$(PY) bench/bench_memory.py --layers 2 --methods lora fora_u0_s0 --append --out bench/results/memory.json
 	$(PY) bench/bench_memory.py --shapes llama3-8b --layers 2 --stats-budgets none 0.6 0.3 --out bench/results/memory_stats.json
+	$(PY) bench/bench_memory.py --shapes qwen3-1.7b --layers 2 --init-budgets none 0.06 --out bench/results/memory_init.json
 	$(PY) -c "import lm_eval" 2>/dev/null && $(PY) bench/bench_eval.py || echo "bench_eval skipped: pip install -e '.[lmeval]'"
 	$(PY) bench/summarize.py
 

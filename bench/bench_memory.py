@@ -43,6 +43,7 @@ METHODS = {
 }
 PRESERVE_TEXTS, LENGTH, STATS_BATCH = 32, 256, 8
 STATS_TEXTS = 8  # --stats-budgets: the sums' size does not depend on the token count
+INIT_ROWS = 8  # --init-budgets: G's size does not depend on the rows
 
 
 class RssPeak:
@@ -168,6 +169,63 @@ def stats_budget_worker(model_dir: Path, budget: str, out: Path) -> None:
     out.write_text(json.dumps(result))
 
 
+def init_budget_worker(model_dir: Path, budget: str, out: Path) -> None:
+    """FORA's LoRA form with ``init: gradient`` (``INIT_ROWS`` rows) set up under ``stats_memory_gb = budget``
+    in this (fresh) process: the peak RSS of the gradient start, and, measured alone, that of one plain
+    forward and backward of the same rows and of one SVD of the largest target's ``G P`` (the transients;
+    what is left is the ``G`` held), its passes, and a hash of the ``A`` it sets (the same for every budget)."""
+    import hashlib
+
+    import torch
+    from accelerate.utils import set_seed
+
+    from preserve_core.calibration import ensure_calibration
+    from preserve_core.data import build_train_dataset
+    from preserve_core.methods import METHODS as REGISTRY
+    from preserve_core.models import load_model, load_tokenizer
+    from preserve_core.recipe import load_recipe
+    from preserve_core.training import init_batches, make_accelerator, setup_method
+
+    torch.set_num_threads(1)
+    sampler = RssPeak()
+    method = {**METHODS["fora_u0_s0"], "init": "gradient", "init_rows": INIT_ROWS}
+    recipe_path = write_recipe(out.parent / f"work-init-{budget}", model_dir, method)
+    gb = None if budget == "none" else float(budget)
+    recipe = load_recipe(recipe_path, [f"calibration.stats_memory_gb={'null' if gb is None else gb}"])
+    tokenizer, model = load_tokenizer(recipe.model), load_model(recipe.model, "cpu").eval()
+    ensure_calibration(recipe, model, tokenizer, REGISTRY[recipe.method.name])
+    set_seed(recipe.training.seed)  # as the engine: the Kaiming A whose norm the aligned rows take
+    fora, model, _ = setup_method(recipe, model, tokenizer, make_accelerator(recipe))
+    dataset, _ = build_train_dataset(recipe, tokenizer)
+    batches = list(init_batches(dataset, INIT_ROWS, recipe, tokenizer, "cpu"))
+
+    def backward() -> None:
+        for batch in batches:
+            model(**batch, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    backward()  # warm-up: allocator and kernel caches
+    widest = max(fora.layers.values(), key=lambda layer: layer.weight.numel())
+    grad = torch.randn(widest.weight.shape, generator=torch.Generator().manual_seed(0))
+
+    def svd() -> None:  # align_a's work on the largest target: G P and its thin SVD (A itself is untouched)
+        torch.linalg.svd(widest.projector(grad), full_matrices=False)
+
+    svd()
+    result_svd = sampler.measure(svd)[2]
+    del grad
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    result = {"budget_gb": budget, "backward_peak": sampler.measure(backward)[2], "svd_peak": result_svd}
+    forwards.clear()
+    start = time.perf_counter()
+    result["init_peak"] = sampler.measure(lambda: fora.init_from_data(model, iter(batches)))[2]
+    result["init_seconds"], result["passes"] = time.perf_counter() - start, len(forwards) // len(batches)
+    a = torch.cat([layer.lora_A.detach().flatten() for layer in fora.layers.values()])
+    result["a_sha256"] = hashlib.sha256(a.numpy().tobytes()).hexdigest()[:16]
+    out.write_text(json.dumps(result))
+
+
 def worker(model_dir: Path, method_key: str, out: Path, calibration_only: bool = False) -> None:
     """One measurement in this (fresh) process; writes a JSON dict to ``out``."""
     import torch
@@ -235,6 +293,11 @@ def predict(shape_name: str, layers: int, method_key: str, measured: dict) -> di
         budget = None if measured["budget_gb"] == "none" else int(float(measured["budget_gb"]) * 1e9)
         passes, held, _ = mm.calibration_passes(shape, layers, budget)
         return {"stats_held": held, "stats_peak": held + measured["forward_peak"], "passes": passes}
+    if method_key.startswith("init:"):  # init: gradient's set-up under a stats_memory_gb budget
+        budget = None if measured["budget_gb"] == "none" else int(float(measured["budget_gb"]) * 1e9)
+        passes, held = mm.gradient_init_passes(shape, layers, budget)
+        transient = max(measured["backward_peak"], measured.get("svd_peak", 0))  # one after the other
+        return {"init_peak": held + transient, "passes": passes}
     n_stats = len(measured["stats"])
     p = {"calibration_disk": mm.calibration_disk(shape, layers, n_stats)}
     if n_stats and "stats_peak" in measured:  # the forward's own activations: measured, not modelled
@@ -281,8 +344,12 @@ def main() -> None:
     parser.add_argument("--calibration-only", action="store_true", help="measure calibration only (no set-up)")
     parser.add_argument("--recompute", action="store_true", help="redo the comparisons in --out from its measurements")
     parser.add_argument("--stats-budgets", nargs="+", help="measure only the statistics pass at these stats_memory_gb (none: no limit)")
+    parser.add_argument("--init-budgets", nargs="+", help="measure only init: gradient's set-up at these stats_memory_gb")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # MODEL_DIR METHOD OUT [CAL_ONLY]
     args = parser.parse_args()
+    if args.worker and args.worker[1].startswith("init:"):
+        init_budget_worker(Path(args.worker[0]), args.worker[1].split(":", 1)[1], Path(args.worker[2]))
+        return
     if args.worker and args.worker[1].startswith("stats:"):
         stats_budget_worker(Path(args.worker[0]), args.worker[1].split(":", 1)[1], Path(args.worker[2]))
         return
@@ -307,10 +374,16 @@ def main() -> None:
         for layers in args.layers:
             with tempfile.TemporaryDirectory(prefix="ppft-mem-") as tmp:
                 model_dir = build(shape_name, layers, Path(tmp) / "model")
-                for key in [f"stats:{b}" for b in args.stats_budgets] if args.stats_budgets else args.methods:
+                keys = ([f"stats:{b}" for b in args.stats_budgets] if args.stats_budgets else
+                        [f"init:{b}" for b in args.init_budgets] if args.init_budgets else args.methods)  # fmt: skip
+                for key in keys:
                     out = Path(tmp) / f"{key}.json"
                     flag = "1" if args.calibration_only else "0"
-                    subprocess.run([sys.executable, __file__, "--worker", str(model_dir), key, str(out), flag], env=env, check=True)
+                    # init: every allocation of 64 KiB or more is mmapped and unmapped when freed, so RSS follows
+                    # what is live (else glibc keeps freed SVD workspace and the backward's buffers resident)
+                    worker_env = {**env, "MALLOC_MMAP_THRESHOLD_": "65536"} if key.startswith("init:") else env
+                    subprocess.run([sys.executable, __file__, "--worker", str(model_dir), key, str(out), flag],
+                                   env=worker_env, check=True)  # fmt: skip
                     measured = json.loads(out.read_text())
                     row = {"shape": shape_name, "layers": layers, "method": key, "measured": measured,
                            "calibration_only": args.calibration_only,

@@ -22,6 +22,10 @@ FORA (LoRA form) set-up
 FoLoRA set-up
     held:  4 * sum_j n_j K_j  (one float32 V_K per distinct input; K = n by default) + 8 * sum_j K_j (lambda)
     peak:  held + one input's solve: C_p and C_t as float32 (8 n^2) + about five float64 [n, n] (40 n^2)
+init: gradient (FORA's LoRA form, FoLoRA) set-up
+    held:  4 * m_i n_i per target (float32 G), the targets in forward order cut into consecutive groups of
+           at most calibration.stats_memory_gb (a target larger alone); one forward and backward of the
+           init_rows rows per group; the peak is the largest group's, plus the backward's own activations
 LoRA-type adapter (A, B) and its AdamW state, per target: 4 * r (m + n) * 3 (parameter, two moments)
 Checkpoint of an adapter method: the adapter + its AdamW state (+ FoLoRA's lambda; FORA: a 32-byte hash)
 """
@@ -70,6 +74,19 @@ def calibration_peak(shape: Shape, layers: int, budget: int | None = None) -> in
 def calibration_peak_full_square(shape: Shape, layers: int) -> int:
     """Before: a full [n, n] float32 sum per input, all inputs at once."""
     return layers * sum(F32 * n * n for n in shape.input_widths())
+
+
+def gradient_init_passes(shape: Shape, layers: int, budget: int | None = None) -> tuple[int, int]:
+    """``(passes, largest group's float32 G in bytes)`` of ``init: gradient``."""
+    sizes = [F32 * m * n for _ in range(layers) for _, m, n in shape.target_shapes()]
+    groups, held = [0], 0
+    for size in sizes:
+        if held and budget is not None and held + size > budget:
+            groups.append(0)
+            held = 0
+        groups[-1] += size
+        held += size
+    return len(groups), max(groups)
 
 
 def fora_held(shape: Shape, layers: int, ks: list[int], r_u: dict[str, int], s: int) -> int:
@@ -126,6 +143,8 @@ def full_size_rows(shape: Shape, vocab: int, r: int = 8, s: int = 8) -> dict[str
         "FORA bases held (k = n/2, r_u = m/4, s = 8)": fora_held(shape, layers, ks, r_u, s),
         "FORA bases held, u_rank 0, spectral_size 0": fora_held(shape, layers, ks, {k: 0 for k in r_u}, 0),
         "FoLoRA V_K held (K = n)": folora_held(shape, layers),
+        "init: gradient, G of every target (one pass)": gradient_init_passes(shape, layers)[1],
+        "init: gradient, stats_memory_gb 2 (largest group)": gradient_init_passes(shape, layers, 2 * 10**9)[1],
         "set-up transient, FORA (one input)": fora_transient(shape),
         "set-up transient, FoLoRA (one input)": folora_transient(shape),
         "LoRA r=8 + AdamW state": adapter_with_adam(shape, layers, r),

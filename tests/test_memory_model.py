@@ -46,6 +46,31 @@ def test_passes_under_a_budget_by_hand():
     assert mm.calibration_passes(SMOKE, 2)[:2] == (1, 2 * (3 * 262144 + 1769472))
 
 
+def test_gradient_init_groups_by_hand():
+    """Per layer q 256x256, k 128x256, v 128x256, o 256x256, gate / up 768x256, down 256x768 in float32: in
+    units of 131072 bytes 2, 1, 1, 2, 6, 6, 6 (24 a layer). A 1.2e6-byte budget (9.16 units), in forward
+    order: [q k v o] 6, [gate] 6, [up] 6, [down, q, k] 9, [v o gate] 9, [up] 6, [down] 6; one below every
+    matrix runs them one by one."""
+    unit = 131072
+    assert mm.gradient_init_passes(SMOKE, 2) == (1, 48 * unit)
+    assert mm.gradient_init_passes(SMOKE, 2, 1_200_000) == (7, 9 * unit)
+    assert mm.gradient_init_passes(SMOKE, 1, 10) == (7, 6 * unit)
+
+
+@pytest.mark.parametrize("budget", [None, 1_200_000, 2_000_000])
+def test_the_gradient_start_groups_as_the_model_predicts(budget):
+    """``init: gradient``'s grouping (gradient_init.layer_groups) on a random smoke-shaped model's targets:
+    the passes and the largest group's float32 G bytes the memory model predicts."""
+    from preserve_core.methods.gradient_init import layer_groups
+    from preserve_core.models import resolve_target_modules
+
+    model, _ = make("smoke", 2)
+    layers = {name: model.get_submodule(name) for name in resolve_target_modules(model, None)}
+    groups = layer_groups(layers, budget)
+    held = [sum(4 * layers[name].weight.numel() for name in group) for group in groups]
+    assert (len(groups), max(held)) == mm.gradient_init_passes(SMOKE, 2, budget)
+
+
 @pytest.mark.parametrize("budget", [None, 3_000_000])
 def test_the_statistics_pass_holds_what_the_model_predicts(budget):
     from preserve_core.calibration.stats import input_stats_passes
