@@ -344,7 +344,8 @@ def main() -> None:
     parser.add_argument("--calibration-only", action="store_true", help="measure calibration only (no set-up)")
     parser.add_argument("--recompute", action="store_true", help="redo the comparisons in --out from its measurements")
     parser.add_argument("--stats-budgets", nargs="+", help="measure only the statistics pass at these stats_memory_gb (none: no limit)")
-    parser.add_argument("--init-budgets", nargs="+", help="measure only init: gradient's set-up at these stats_memory_gb")
+    parser.add_argument("--init-budgets", nargs="+",
+                        help="measure only init: gradient's set-up at these stats_memory_gb")  # fmt: skip
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # MODEL_DIR METHOD OUT [CAL_ONLY]
     args = parser.parse_args()
     if args.worker and args.worker[1].startswith("init:"):
