@@ -73,7 +73,8 @@ class ForaLinear(nn.Module):
     @torch.no_grad()
     def align_a(self, task_grad: torch.Tensor) -> None:
         """``init: gradient``: A's rows <- the top right singular vectors of ``G P`` (``task_grad = G`` [m, n]),
-        each at the mean row norm of the A they replace (:mod:`..gradient_init`). With ``min(m, n) < r`` the rest stay Kaiming."""
+        each at the mean row norm of the A they replace (:mod:`..gradient_init`). With ``min(m, n) < r`` the
+        rest stay Kaiming."""
         _, _, vh = torch.linalg.svd(self.projector(task_grad.float()), full_matrices=False)
         k = min(self.r, vh.shape[0])
         size = self.lora_A.norm(dim=1).mean()

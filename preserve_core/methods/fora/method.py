@@ -190,7 +190,8 @@ class Fora(Method):
         return self.options.init_rows if self.options.init == "gradient" else 0
 
     def init_from_data(self, model: nn.Module, batches) -> None:
-        """``init: gradient``: each layer's A along its readable task gradient (:mod:`.init`)."""
+        """``init: gradient``: each layer's A along its readable task gradient (:mod:`..gradient_init`), the
+        layers' ``G`` in groups within ``calibration.stats_memory_gb``."""
         budget = stats_budget_bytes(self.ctx.recipe.calibration.stats_memory_gb, self.ctx.device)
         for name, grad in task_gradients(model, self.layers, batches, budget):
             self.layers[name].align_a(grad)
