@@ -11,6 +11,8 @@ bench/memory_model.py; ``within_15pct`` says whether they agree.
 
 ``--stats-budgets none 0.6 0.3`` measures only the statistics pass, once per ``calibration.stats_memory_gb``
 (``none``: one pass), and records the passes, the bytes of sums held (exact) and the peak RSS.
+``--init-budgets none 0.06`` measures only FORA's ``init: gradient`` set-up the same way (passes, peak RSS,
+a hash of the ``A`` it sets).
 """
 
 from __future__ import annotations
