@@ -26,7 +26,16 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
+from pydantic import Field
 from torch import nn
+
+
+def init_rows_field(factor: str):
+    """The ``init_rows`` option of a method with ``init: gradient`` (its rows set ``factor``: "A" or "A~")."""
+    return Field(
+        128, gt=0, le=10**7, description="init: gradient: training rows (from the start of the data) whose summed "
+        f"task gradient sets {factor}; one forward and backward each, batched like training, at set-up only.",
+    )  # fmt: skip
 
 
 def layer_groups(layers: dict[str, nn.Module], budget_bytes: int | None) -> list[list[str]]:

@@ -36,7 +36,7 @@ from .basis import (
 from .layer import FoloraLinear, attach_disable_adapter, default_init_std, install, plain_linears
 from .refresh import TaskWindow, in_window, mix_estimate
 from ...sharding import local
-from ..gradient_init import task_gradients
+from ..gradient_init import init_rows_field, task_gradients
 from .gated_adam import GatedAdamW, unwrap_optimizer
 
 
@@ -86,10 +86,7 @@ class FoloraOptions(MethodOptions):
         "G V_K diag(d), G the dense weight's task gradient over the first init_rows training rows and d each "
         "column's step (gate times step scale), times d, at the random A's mean row norm; B stays 0.",
     )
-    init_rows: int = Field(
-        128, gt=0, le=10**7, description="init: gradient: training rows (from the start of the data) whose "
-        "summed task gradient sets A~; one forward and backward each, batched like training, at set-up only.",
-    )  # fmt: skip
+    init_rows: int = init_rows_field("A~")
     init_gated: bool = Field(
         False, description="Scale A~'s random initial columns by their step-0 gate (ours; the spec: plain random)."
     )

@@ -25,7 +25,7 @@ from ...sharding import full, like
 from ..adapter_export import save_lora_factors_as_peft
 from ..base import PRESERVE_STATS, Method, MethodOptions
 from .bases import RightProjector, compute_bases, input_projector, orthonormal_complement
-from ..gradient_init import task_gradients
+from ..gradient_init import init_rows_field, task_gradients
 from .layer import ForaLinear
 from .optim import LOW_PRECISION, ProjectedAdamW
 from .refresh import current_projectors
@@ -49,10 +49,7 @@ class ForaOptions(MethodOptions):
         "vectors of the task gradient FORA lets A read, G P, over the first init_rows training rows, at "
         "Kaiming's row norm (gradient, ours; B stays 0, so the model starts as the base).",
     )
-    init_rows: int = Field(
-        128, gt=0, le=10**7, description="init: gradient: training rows (from the start of the data) whose "
-        "summed task gradient sets A; one forward and backward each, batched like training, at set-up only.",
-    )  # fmt: skip
+    init_rows: int = init_rows_field("A")
     source: Literal["activation", "weight"] = Field(
         "activation",
         description="Q from the top eigenvectors of C_p (activation) or the top right singular vectors of W (weight).",
